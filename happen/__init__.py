@@ -1,0 +1,60 @@
+"""happen: streaming dataflow between nodes, in one process or across hosts over NATS."""
+
+from happen._config import ConcurrencySettings
+from happen._errors import (
+    CodecError,
+    HandlerError,
+    HappenError,
+    InvalidConfigError,
+    InvalidIdError,
+    NodeNotFoundError,
+    NoHandlerError,
+    PayloadTooLargeError,
+    QueueFullError,
+    SendTimeout,
+    SystemStoppedError,
+    TransportError,
+)
+from happen._events import CausalContext, Event
+from happen._mailbox import NodeStats
+from happen._node import Node
+from happen._stream import Stream
+from happen._system import System
+from happen._transport import Message, Subscription, Transport, TransportListener
+
+__all__ = [
+    "CausalContext",
+    "CodecError",
+    "ConcurrencySettings",
+    "Event",
+    "HandlerError",
+    "HappenError",
+    "InvalidConfigError",
+    "InvalidIdError",
+    "Message",
+    "NoHandlerError",
+    "Node",
+    "NodeNotFoundError",
+    "NodeStats",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "SendTimeout",
+    "Stream",
+    "Subscription",
+    "System",
+    "SystemStoppedError",
+    "Transport",
+    "TransportError",
+    "TransportListener",
+]
+
+__version__ = "0.1.0"
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("happen."):
+        try:
+            _obj.__module__ = "happen"
+        except (AttributeError, TypeError):
+            pass
+del _name, _obj

@@ -1,0 +1,106 @@
+"""The receiving side of a streamed broadcast: ``event.stream`` in a subscriber's handler."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import anyio
+
+from happen._errors import HandlerError, QueueFullError
+
+__all__ = ["BroadcastStream"]
+
+
+class BroadcastStream:
+    """An async iterator of a streamed broadcast's items, as they arrive.
+
+    Items wait in a buffer of at most ``limit`` items. A broadcaster in the same process
+    waits for room before publishing; a remote one cannot be held, so a subscriber that
+    falls a whole buffer behind gets ``QueueFullError`` from its iteration.
+    """
+
+    def __init__(self, node_id: str, stream_id: str, limit: int) -> None:
+        self.node_id = node_id
+        self.stream_id = stream_id
+        self.limit = limit
+        self._items: deque[Any] = deque()
+        self._done = False
+        self._error: BaseException | None = None
+        self._wake: anyio.Event | None = None
+        self._room: anyio.Event | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.limit and not self._done
+
+    def put(self, item: Any) -> None:
+        if self._done:
+            return
+        if len(self._items) >= self.limit:
+            self._finish(
+                QueueFullError(
+                    f"node {self.node_id!r} fell {self.limit} items behind broadcast stream "
+                    f"{self.stream_id!r}; the rest of it was dropped"
+                )
+            )
+            return
+        self._items.append(item)
+        self._signal()
+
+    def end(self, error: str | None) -> None:
+        if error is None:
+            self._finish(None)
+        else:
+            self._finish(
+                HandlerError(
+                    f"the broadcaster's source failed: {error}",
+                    remote_type="BroadcastSourceError",
+                    remote_message=error,
+                )
+            )
+
+    def close(self) -> None:
+        """The handler finished: release anyone waiting for room."""
+        self._done = True
+        self._items.clear()
+        self._signal_room()
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self._error = error
+            self._signal()
+            self._signal_room()
+
+    def _signal(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _signal_room(self) -> None:
+        if self._room is not None:
+            event, self._room = self._room, None
+            event.set()
+
+    async def wait_room(self) -> None:
+        while self.full:
+            if self._room is None:
+                self._room = anyio.Event()
+            await self._room.wait()
+
+    def __aiter__(self) -> BroadcastStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._wake = anyio.Event()
+            await self._wake.wait()
+            self._wake = None
+        item = self._items.popleft()
+        if len(self._items) < self.limit:
+            self._signal_room()
+        return item

@@ -1,0 +1,95 @@
+"""The exception hierarchy: every error happen raises derives from HappenError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CodecError",
+    "HandlerError",
+    "HappenError",
+    "InvalidConfigError",
+    "InvalidIdError",
+    "NoHandlerError",
+    "NodeNotFoundError",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "SendTimeout",
+    "SystemStoppedError",
+    "TransportError",
+]
+
+
+class HappenError(Exception):
+    """Root of every error happen raises."""
+
+    __module__ = "happen"
+
+
+class InvalidConfigError(HappenError, ValueError):
+    """A concurrency setting (or another system setting) is invalid; the message names the key."""
+
+    __module__ = "happen"
+
+
+class InvalidIdError(HappenError, ValueError):
+    """A node id or an event type does not fit the allowed characters or length."""
+
+    __module__ = "happen"
+
+
+class NodeNotFoundError(HappenError):
+    """No node with the target id is running anywhere the transport reaches."""
+
+    __module__ = "happen"
+
+
+class NoHandlerError(HappenError):
+    """The target node exists but has no handler matching the event type."""
+
+    __module__ = "happen"
+
+
+class QueueFullError(HappenError):
+    """The target node's queue is full; the event was rejected, not enqueued."""
+
+    __module__ = "happen"
+
+
+class HandlerError(HappenError):
+    """The handler raised; ``remote_type`` and ``remote_message`` describe its exception."""
+
+    __module__ = "happen"
+
+    def __init__(self, message: str, *, remote_type: str, remote_message: str) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+
+
+class SendTimeout(HappenError, TimeoutError):
+    """The call's timeout expired before a result arrived (the handler is cancelled)."""
+
+    __module__ = "happen"
+
+
+class PayloadTooLargeError(HappenError, ValueError):
+    """An encoded message is larger than the transport's ``max_payload``; nothing was sent."""
+
+    __module__ = "happen"
+
+
+class CodecError(HappenError, ValueError):
+    """A value could not be encoded, or bytes could not be decoded."""
+
+    __module__ = "happen"
+
+
+class TransportError(HappenError):
+    """The transport failed: connection lost or closed, server unreachable, or misuse."""
+
+    __module__ = "happen"
+
+
+class SystemStoppedError(TransportError):
+    """The system is stopped (or stopping) and no longer sends or accepts events."""
+
+    __module__ = "happen"

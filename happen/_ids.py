@@ -1,0 +1,43 @@
+"""Validation of node ids and event types, before any subject is built from them."""
+
+from __future__ import annotations
+
+import re
+
+from happen._errors import InvalidIdError
+
+__all__ = ["validate_event_type", "validate_node_id"]
+
+_NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*")
+
+NODE_ID_RULE = "1-128 characters of ASCII letters, digits, '-' and '_'"
+EVENT_TYPE_RULE = (
+    "1-256 characters of ASCII letters, digits, '-', '_', ':' and '.', "
+    "with no empty dot-separated segment"
+)
+
+
+def validate_node_id(node_id: object) -> str:
+    """Return ``node_id`` if it is a valid node id, else raise ``InvalidIdError``."""
+    if type(node_id) is not str or not _NODE_ID.fullmatch(node_id):
+        raise InvalidIdError(f"invalid node id {_show(node_id)}: a node id is {NODE_ID_RULE}")
+    return node_id
+
+
+def validate_event_type(event_type: object) -> str:
+    """Return ``event_type`` if it is a valid event type, else raise ``InvalidIdError``."""
+    if (
+        type(event_type) is not str
+        or len(event_type) > 256
+        or not _EVENT_TYPE.fullmatch(event_type)
+    ):
+        raise InvalidIdError(
+            f"invalid event type {_show(event_type)}: an event type is {EVENT_TYPE_RULE}"
+        )
+    return event_type
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,199 @@
+"""A node's mailbox: the concurrency cap, the bounded queue, pressure, and exact counts."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+import msgspec
+
+from happen._config import ConcurrencySettings
+
+__all__ = ["Mailbox", "NodeStats"]
+
+Item = TypeVar("Item")
+
+
+class NodeStats(msgspec.Struct, frozen=True):
+    """A snapshot of a node's flow control and counts.
+
+    ``accepted + rejected + dropped`` is every event that reached the node;
+    ``completed + failed`` equals ``accepted`` once the node is idle.
+    """
+
+    active: int
+    queued: int
+    max_concurrent: int
+    queue_limit: int
+    under_pressure: bool
+    accepted: int
+    completed: int
+    failed: int
+    rejected: int
+    dropped: int
+
+
+class _Slot:
+    """An idle worker waiting for an item."""
+
+    __slots__ = ("item", "wake")
+
+    def __init__(self) -> None:
+        self.item: Any = None
+        self.wake = anyio.Event()
+
+
+class Mailbox(Generic[Item]):
+    """Runs at most ``max_concurrent`` items at once; queues up to ``queue_limit`` more.
+
+    Workers are spawned on demand (up to the cap) and then stay, idle, until the system
+    stops. ``run`` must not raise (except cancellation): it counts its own outcome.
+    """
+
+    def __init__(
+        self,
+        settings: ConcurrencySettings,
+        run: Callable[[Item], Awaitable[None]],
+        spawn: Callable[..., None],
+        relieved: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.settings = settings
+        self._max = settings.max_concurrent
+        self._limit = settings.queue_limit
+        self._pressure_at = settings.backpressure_threshold * settings.queue_limit
+        self._priority = settings.queue_strategy == "priority"
+        self._fifo: deque[Item] = deque()
+        self._heap: list[tuple[int, int, Item]] = []
+        self._seq = itertools.count()
+        self._run = run
+        self._spawn = spawn
+        self._relieved = relieved
+        self._idle: list[_Slot] = []
+        self._relief: anyio.Event | None = None
+        self._drained: anyio.Event | None = None
+        self.owes_acks = False
+        self.in_transit = 0  # local sends published but not yet received
+        self.queued = 0
+        self.active = 0
+        self.accepted = 0
+        self.completed = 0
+        self.failed = 0
+        self.rejected = 0
+        self.dropped = 0
+
+    @property
+    def under_pressure(self) -> bool:
+        return self._pressure_at <= self.queued < self._limit
+
+    def holds_local_senders(self) -> bool:
+        """Whether a sender in this process must wait before publishing to this node.
+
+        Counts the events local senders have published that have not arrived yet, so that
+        senders released together cannot overflow the queue. No band at threshold 1.0.
+        """
+        return self._pressure_at < self._limit and (
+            self._pressure_at <= self.queued + self.in_transit and self.queued < self._limit
+        )
+
+    def arrived(self) -> None:
+        """A local send reserved with ``in_transit`` reached the node (or was given up)."""
+        self.in_transit -= 1
+        self._wake_waiters()
+
+    def stats(self) -> NodeStats:
+        return NodeStats(
+            active=self.active,
+            queued=self.queued,
+            max_concurrent=self._max,
+            queue_limit=self._limit,
+            under_pressure=self.under_pressure,
+            accepted=self.accepted,
+            completed=self.completed,
+            failed=self.failed,
+            rejected=self.rejected,
+            dropped=self.dropped,
+        )
+
+    def offer(self, item: Item, priority: int = 0) -> bool:
+        """Admit ``item`` (run now or queue it) and count it; False when the queue is full."""
+        if self.active < self._max:
+            self.active += 1
+            self.accepted += 1
+            if self._idle:
+                slot = self._idle.pop()
+                slot.item = item
+                slot.wake.set()
+            else:
+                self._spawn(self._worker, item)
+            return True
+        if self.queued >= self._limit:
+            return False
+        if self._priority:
+            heapq.heappush(self._heap, (-priority, next(self._seq), item))
+        else:
+            self._fifo.append(item)
+        self.queued += 1
+        self.accepted += 1
+        return True
+
+    def take_queued(self) -> list[Item]:
+        """Remove and return everything still queued (used when the system stops)."""
+        items = list(self._fifo) + [entry[2] for entry in sorted(self._heap)]
+        self._fifo.clear()
+        self._heap.clear()
+        self.queued = 0
+        self._wake_waiters()
+        return items
+
+    async def wait_relief(self) -> None:
+        """Wait until the queue drops below the pressure threshold (check again after)."""
+        if self._relief is None:
+            self._relief = anyio.Event()
+        await self._relief.wait()
+
+    async def wait_drained(self) -> None:
+        """Wait until nothing runs and nothing is queued."""
+        while self.active or self.queued:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            await self._drained.wait()
+
+    def _take(self) -> Item:
+        self.queued -= 1
+        if self._priority:
+            return heapq.heappop(self._heap)[2]
+        return self._fifo.popleft()
+
+    def _wake_waiters(self) -> None:
+        if self._relief is not None and self.queued + self.in_transit < self._pressure_at:
+            event, self._relief = self._relief, None
+            event.set()
+
+    async def _worker(self, item: Item) -> None:
+        while True:
+            await self._run(item)
+            if self.queued:
+                item = self._take()
+                if self.queued < self._pressure_at:
+                    self._wake_waiters()
+                    if self.owes_acks:
+                        self.owes_acks = False
+                        await self._relieved()
+                continue
+            self.active -= 1
+            if self._drained is not None and not self.active:
+                event, self._drained = self._drained, None
+                event.set()
+            slot = _Slot()
+            self._idle.append(slot)
+            try:
+                await slot.wake.wait()
+            except BaseException:
+                if slot in self._idle:
+                    self._idle.remove(slot)
+                raise
+            item = slot.item

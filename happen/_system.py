@@ -1,0 +1,635 @@
+"""The system: owns the transport, the nodes, the task group and the inbox routing."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from happen import _protocol as p
+from happen._broadcast import BroadcastStream
+from happen._codec import make_codec
+from happen._config import ConcurrencyConfig, ConcurrencySettings
+from happen._errors import (
+    InvalidConfigError,
+    InvalidIdError,
+    NodeNotFoundError,
+    SendTimeout,
+    SystemStoppedError,
+    TransportError,
+)
+from happen._events import CausalContext, Event, IdGenerator, new_context
+from happen._ids import validate_event_type, validate_node_id
+from happen._mailbox import NodeStats
+from happen._node import Node, Producer
+from happen._stream import Call, Stream, failure_to_error
+from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
+
+__all__ = ["System"]
+
+log = logging.getLogger("happen")
+
+
+class _Gate:
+    """Senders' view of a remote node that signalled pressure: sends wait while held."""
+
+    __slots__ = ("_relief", "held")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._relief: anyio.Event | None = None
+
+    def hold(self) -> None:
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        if self.held <= 0 and self._relief is not None:
+            event, self._relief = self._relief, None
+            event.set()
+
+    async def wait(self) -> None:
+        while self.held > 0:
+            if self._relief is None:
+                self._relief = anyio.Event()
+            await self._relief.wait()
+
+
+def _positive(name: str, value: object, kind: type) -> Any:
+    if type(value) not in ((int, float) if kind is float else (int,)) or not value > 0:  # type: ignore[operator]
+        raise InvalidConfigError(f"{name} must be a positive {kind.__name__}, not {value!r}")
+    return value
+
+
+class System:
+    """A set of nodes sharing a transport: ``async with happen.System(...) as system``.
+
+    Keyword arguments:
+
+    - ``concurrency``: ``{"default": {...}, "patterns": {glob: {...}}}`` flow-control
+      settings (see ``ConcurrencySettings``), validated here (``InvalidConfigError``).
+    - ``transport``: a ``Transport`` or a URL, ``"memory"`` (default) or ``"nats://host:4222"``.
+    - ``namespace``: prefix of every subject, isolating systems that share a NATS server.
+    - ``codec``: ``"msgpack"`` (default) or ``"json"``.
+    - ``max_depth``: nesting limit of decoded messages (default 64).
+    - ``stream_window``: credit a stream consumer grants, in items (default 256).
+    - ``stream_idle_timeout``: seconds a producer waits for credit before closing (60).
+    - ``worker_threads``: how many sync handlers may run at once in threads (40).
+    - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
+
+    ``start()`` and ``stop()`` must be awaited from the same task.
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: Mapping[str, Any] | None = None,
+        transport: Transport | str = "memory",
+        namespace: str = "happen",
+        codec: str = "msgpack",
+        max_depth: int = 64,
+        stream_window: int = 256,
+        stream_idle_timeout: float = 60.0,
+        worker_threads: int = 40,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self._config = ConcurrencyConfig(dict(concurrency) if concurrency is not None else None)
+        try:
+            validate_node_id(namespace)
+        except InvalidIdError:
+            raise InvalidConfigError(
+                f"namespace {namespace!r} must be 1-128 ASCII letters, digits, '-' or '_'"
+            ) from None
+        if not isinstance(transport, str) and not isinstance(transport, Transport):
+            raise InvalidConfigError(
+                f"transport must be a URL or a happen.Transport, not {type(transport).__name__}"
+            )
+        self._codec = make_codec(codec, max_depth)
+        self._window: int = _positive("stream_window", stream_window, int)
+        self._idle_timeout: float = _positive("stream_idle_timeout", stream_idle_timeout, float)
+        self._threads: int = _positive("worker_threads", worker_threads, int)
+        self._drain_timeout: float = _positive("drain_timeout", drain_timeout, float)
+        self._transport_spec = transport
+        self._transport: Transport | None = None
+        self.namespace = namespace
+        self.id = os.urandom(8).hex()
+        self._ids = IdGenerator()
+        self._tokens = itertools.count(1)
+        self._nodes: dict[str, Node] = {}
+        self._routes: dict[str, Any] = {}  # inbox token -> Call | Producer
+        self._gates: dict[str, _Gate] = {}
+        self._local_bstreams: dict[str, list[BroadcastStream]] = {}
+        self._dirty: set[Node] = set()
+        self._syncing = False
+        self._settled: anyio.Event | None = None
+        self._tg: TaskGroup | None = None
+        self._state = "new"
+        self._accepting = False
+        self._inbox_prefix = ""
+        self._bad_input_logged: set[str] = set()
+        self.bad_inputs = 0  # malformed frames received by this system, all nodes together
+        self.stray_frames = 0  # well-formed frames for a request or stream no longer here
+        self._request_decoder = self._codec.decoder(p.Request)
+        self._inbox_decoder = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
+        self._broadcast_decoder = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
+        self._cancelled: type[BaseException] = BaseException
+        self._limiter: anyio.CapacityLimiter = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"<happen.System {self.namespace!r} {self._state}>"
+
+    # ----- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> System:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect the transport and subscribe every node. Raises ``TransportError``."""
+        if self._state != "new":
+            raise SystemStoppedError(f"a system starts once; this one is {self._state}")
+        transport = self._resolve_transport(self._transport_spec)
+        self._cancelled = anyio.get_cancelled_exc_class()
+        self._limiter = anyio.CapacityLimiter(self._threads)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            transport.set_listener(self)
+            await transport.start()
+            self._transport = transport
+            inbox = transport.new_inbox()
+            self._inbox_prefix = inbox + "."
+            await transport.subscribe(inbox + ".*", self._on_inbox)
+            self._state = "running"
+            self._accepting = True
+            for node in self._nodes.values():
+                await self._subscribe_node(node)
+        except BaseException as exc:
+            self._state = "stopped"
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            with anyio.CancelScope(shield=True):
+                try:
+                    await transport.stop()
+                except Exception:
+                    log.debug("stopping the transport after a failed start", exc_info=True)
+            raise
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop: refuse new events, let in-flight handlers finish, then cancel the rest.
+
+        Handlers get ``timeout`` seconds (default: the ``drain_timeout`` setting) to finish;
+        queued events still waiting then fail with ``unavailable``, running handlers are
+        cancelled, and every open stream and pending call of this system fails.
+        """
+        if self._state != "running":
+            return
+        self._state = "stopping"
+        self._accepting = False
+        tg = self._tg
+        assert tg is not None and self._transport is not None
+        with anyio.CancelScope(shield=True):
+            for node in self._nodes.values():
+                await self._unsubscribe_node(node)
+            with anyio.move_on_after(self._drain_timeout if timeout is None else timeout):
+                for node in self._nodes.values():
+                    await node._mailbox.wait_drained()
+            for node in self._nodes.values():
+                for work in node._mailbox.take_queued():
+                    node._mailbox.failed += 1
+                    if work.reply:
+                        await self._reply(
+                            work.reply, p.Failure(p.UNAVAILABLE, f"node {node.id!r} stopped")
+                        )
+            tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        self._fail_routes(SystemStoppedError("the system stopped"))
+        self._state = "stopped"
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._transport.stop()
+            except Exception:
+                log.warning("the transport failed to stop cleanly", exc_info=True)
+
+    def _resolve_transport(self, spec: Transport | str) -> Transport:
+        if not isinstance(spec, str):
+            return spec
+        scheme = spec.split("://", 1)[0] if "://" in spec else spec
+        if scheme in ("nats", "tls", "ws", "wss"):
+            scheme = "nats"
+        if not scheme.isidentifier():
+            raise TransportError(f"cannot resolve transport URL {spec!r}")
+        try:
+            module = importlib.import_module(f"happen.transports.{scheme}")
+        except ModuleNotFoundError:
+            raise TransportError(
+                f"no transport for {spec!r}: use 'memory' or 'nats://host:port'"
+            ) from None
+        transport: Transport = module.from_url(spec)
+        return transport
+
+    # ----- nodes --------------------------------------------------------------------
+
+    def create_node(self, node_id: str) -> Node:
+        """Create the node ``node_id`` (``InvalidIdError`` if malformed or already here)."""
+        validate_node_id(node_id)
+        if node_id in self._nodes:
+            raise InvalidIdError(f"node {node_id!r} already exists in this system")
+        if self._state in ("stopping", "stopped"):
+            raise SystemStoppedError(f"cannot create node {node_id!r}: the system is stopped")
+        node = Node(self, node_id, self._config.resolve(node_id))
+        self._nodes[node_id] = node
+        self._sync_subscriptions(node)
+        return node
+
+    def concurrency_for(self, node_id: str) -> ConcurrencySettings:
+        """The concurrency settings that apply to ``node_id``."""
+        return self._config.resolve(validate_node_id(node_id))
+
+    def stats(self) -> dict[str, NodeStats]:
+        """A snapshot of every node's stats, by node id."""
+        return {node_id: node.stats() for node_id, node in self._nodes.items()}
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    def _sync_subscriptions(self, node: Node) -> None:
+        """Bring the node's subscriptions in line with its handlers, in the background."""
+        self._dirty.add(node)
+        if self._state == "running" and not self._syncing:
+            self._syncing = True
+            self._spawn(self._sync_dirty)
+
+    async def _sync_dirty(self) -> None:
+        try:
+            while self._dirty and self._state == "running":
+                await self._subscribe_node(self._dirty.pop())
+        finally:
+            self._syncing = False
+            if self._settled is not None:
+                event, self._settled = self._settled, None
+                event.set()
+
+    async def _settle(self) -> None:
+        """Wait until every handler registered so far is subscribed."""
+        while self._syncing:
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()
+
+    async def _subscribe_node(self, node: Node) -> None:
+        self._dirty.discard(node)
+        transport = self._transport
+        assert transport is not None
+        if node._direct is None:
+            node._direct = await transport.subscribe(
+                f"{self.namespace}.node.{node.id}", node._on_request, queue=node.id
+            )
+        wanted = node._handlers.subjects()
+        for subject in wanted - node._subscriptions.keys():
+
+            async def callback(msg: Message, subject: str = subject) -> None:
+                await node._on_broadcast(msg, subject)
+
+            node._subscriptions[subject] = await transport.subscribe(
+                f"{self.namespace}.bcast.{subject}", callback
+            )
+        for subject in node._subscriptions.keys() - wanted:
+            await node._subscriptions.pop(subject).unsubscribe()
+
+    async def _unsubscribe_node(self, node: Node) -> None:
+        subs = [node._direct, *node._subscriptions.values()]
+        node._direct = None
+        node._subscriptions.clear()
+        for sub in subs:
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    log.debug("unsubscribe failed while stopping", exc_info=True)
+
+    # ----- sending ------------------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise SystemStoppedError(
+                f"the system is {self._state}: start it (async with happen.System()) "
+                "before sending, and do not send after stop()"
+            )
+
+    def _prepare(self, target: Any, event: Any) -> tuple[str, str, Any]:
+        self._check_running()
+        target_id = target.id if isinstance(target, Node) else target
+        validate_node_id(target_id)
+        if isinstance(event, Event):
+            return target_id, validate_event_type(event.type), event.payload
+        if not isinstance(event, Mapping):
+            raise TypeError(
+                f"an event is a happen.Event or a dict with 'type' and 'payload', "
+                f"not {type(event).__name__}"
+            )
+        if "type" not in event:
+            raise InvalidIdError(f"the event has no 'type': {sorted(event)!r}")
+        extra = event.keys() - {"type", "payload"}
+        if extra:
+            raise TypeError(
+                f"unexpected event keys {sorted(extra)!r}: an event has 'type' and 'payload'"
+            )
+        return target_id, validate_event_type(event["type"]), event.get("payload")
+
+    def _request_frame(
+        self, sender: Node, event_type: str, payload: Any, timeout: float | None, priority: int
+    ) -> bytes:
+        if type(priority) is not int:
+            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        timeout_ms = None
+        if timeout is not None:
+            if not timeout > 0:
+                raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
+            timeout_ms = max(1, int(timeout * 1000))
+        context = new_context(self._ids, sender.id)
+        frame = p.Request(
+            event_type, payload, context, priority, self._window, timeout_ms, self.id
+        )
+        return self._codec.encode(frame)
+
+    async def _send(
+        self, sender: Node, target: Any, event: Any, timeout: float | None, priority: int
+    ) -> Any:
+        target_id, event_type, payload = self._prepare(target, event)
+        data = self._request_frame(sender, event_type, payload, timeout, priority)
+        call = Call(self, target_id)
+        if timeout is None:
+            first = await self._open(call, data)
+        else:
+            try:
+                with anyio.fail_after(timeout):
+                    first = await self._open(call, data)
+            except TimeoutError:
+                raise SendTimeout(
+                    f"no reply from node {target_id!r} to {event_type!r} within {timeout} s"
+                ) from None
+        if type(first) is p.Result:
+            return first.value
+        return Stream(call, window=self._window, timeout=timeout)
+
+    def _stream(
+        self, sender: Node, target: Any, event: Any, timeout: float | None, priority: int
+    ) -> Stream:
+        target_id, event_type, payload = self._prepare(target, event)
+        data = self._request_frame(sender, event_type, payload, timeout, priority)
+        call = Call(self, target_id)
+
+        async def opener() -> Any:
+            if timeout is None:
+                return await self._open(call, data)
+            try:
+                with anyio.fail_after(timeout):
+                    return await self._open(call, data)
+            except TimeoutError:
+                raise SendTimeout(
+                    f"node {target_id!r} did not start {event_type!r} within {timeout} s"
+                ) from None
+
+        return Stream(call, window=self._window, timeout=timeout, opener=opener)
+
+    async def _open(self, call: Call, data: bytes) -> Any:
+        """Publish a request; return its first reply (a Result or a StreamStart)."""
+        self._check_running()
+        if self._syncing:
+            await self._settle()
+        target = call.target
+        node = self._nodes.get(target)
+        if node is not None:
+            mailbox = node._mailbox
+            while mailbox.holds_local_senders():
+                await mailbox.wait_relief()
+            mailbox.in_transit += 1
+            call.reserved = mailbox
+        else:
+            gate = self._gates.get(target)
+            if gate is not None and gate.held:
+                await gate.wait()
+        token = self._register(call)
+        call.token = token
+        transport = self._transport
+        assert transport is not None
+        try:
+            if self._state != "running":
+                raise SystemStoppedError("the system stopped")
+            await transport.publish(
+                f"{self.namespace}.node.{target}", data, reply=self._inbox_prefix + token
+            )
+        except BaseException:
+            self._forget(call)
+            raise
+        try:
+            frame = await call.next_frame()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._abandon(call)
+            raise
+        kind = type(frame)
+        if kind is p.StreamStart:
+            return frame
+        self._forget(call)
+        if kind is p.Result:
+            return frame
+        if kind is p.Failure:
+            raise failure_to_error(frame, target)
+        if isinstance(frame, BaseException):
+            raise frame
+        raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")
+
+    async def _broadcast(
+        self, sender: Node, event: Any, stream: AsyncIterable[Any] | None
+    ) -> None:
+        _, event_type, payload = self._prepare(sender.id, event)
+        if self._syncing:
+            await self._settle()
+        for node in self._nodes.values():
+            handler = node._handlers.select(event_type)
+            if handler is not None:
+                while node._mailbox.under_pressure:
+                    await node._mailbox.wait_relief()
+        subject = f"{self.namespace}.bcast.{event_type}"
+        context = new_context(self._ids, sender.id)
+        if stream is None:
+            await self._publish(subject, p.Broadcast(event_type, payload, context))
+            return
+        stream_id = self._ids()
+        await self._publish(subject, p.Broadcast(event_type, payload, context, stream_id))
+        try:
+            async for item in stream:
+                for local in self._local_bstreams.get(stream_id, ()):
+                    await local.wait_room()
+                await self._publish(subject, p.BroadcastItem(stream_id, item))
+        except Exception as exc:
+            with anyio.CancelScope(shield=True):
+                error = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+                await self._publish(subject, p.BroadcastEnd(stream_id, error))
+            raise
+        await self._publish(subject, p.BroadcastEnd(stream_id))
+
+    # ----- frames and routes --------------------------------------------------------
+
+    async def _publish(self, subject: str, frame: Any) -> None:
+        self._check_running()
+        assert self._transport is not None
+        await self._transport.publish(subject, self._codec.encode(frame))
+
+    async def _send_frame(self, subject: str, frame: Any) -> None:
+        """Publish a protocol frame to an inbox (credit, cancel); errors propagate."""
+        assert self._transport is not None
+        await self._transport.publish(subject, self._codec.encode(frame))
+
+    async def _reply(self, subject: str, frame: Any) -> None:
+        """Publish a reply frame; a transport failure is logged, not raised."""
+        await self._publish_reply(subject, self._codec.encode(frame))
+
+    async def _publish_reply(self, subject: str, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        try:
+            await transport.publish(subject, data)
+        except TransportError as exc:
+            log.warning("could not deliver a reply to %s: %s", subject, exc)
+
+    def _register(self, route: Call | Producer) -> str:
+        token = f"{next(self._tokens):x}"
+        self._routes[token] = route
+        return token
+
+    def _arrived(self, reply: str) -> None:
+        """A request from this system reached a node of this system: free its reservation."""
+        if reply.startswith(self._inbox_prefix):
+            route = self._routes.get(reply[len(self._inbox_prefix) :])
+            if type(route) is Call and route.reserved is not None:
+                mailbox, route.reserved = route.reserved, None
+                mailbox.arrived()
+
+    def _forget(self, call: Call) -> None:
+        call.release()
+        self._routes.pop(call.token, None)
+
+    def _forget_token(self, token: str) -> None:
+        if token:
+            self._routes.pop(token, None)
+
+    async def _abandon(self, call: Call) -> None:
+        """The caller stopped waiting: cancel the producer now, or when it starts."""
+        call.release()
+        if call.token not in self._routes:
+            return
+        if call.control is not None:
+            self._routes.pop(call.token, None)
+            try:
+                await self._send_frame(call.control, p.Cancel())
+            except Exception as exc:
+                log.debug("could not cancel a stream: %s", exc)
+        else:
+            call.abandoned = True
+
+    def _gate_for(self, target: str) -> _Gate:
+        gate = self._gates.get(target)
+        if gate is None:
+            gate = self._gates[target] = _Gate()
+        return gate
+
+    async def _on_inbox(self, msg: Message) -> None:
+        token = msg.subject[len(self._inbox_prefix) :]
+        route = self._routes.get(token)
+        headers = msg.headers
+        if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            if route is not None:
+                self._routes.pop(token, None)
+                route.feed(
+                    NodeNotFoundError(
+                        f"no node {getattr(route, 'target', '?')!r} is running in "
+                        f"namespace {self.namespace!r}"
+                    )
+                )
+            return
+        try:
+            frame = self._inbox_decoder.decode(msg.data)
+        except Exception as exc:
+            self._report_bad_input("inbox", exc)
+            return
+        if route is None:
+            # Late frames are normal (a credit after the stream ended, a reply after the
+            # caller gave up); they are counted, not raised.
+            self.stray_frames += 1
+            return
+        if route.abandoned:
+            if type(frame) is p.StreamStart:
+                self._routes.pop(token, None)
+                await self._send_frame(frame.control, p.Cancel())
+            elif isinstance(frame, (p.Result, p.Failure, p.StreamEnd)):
+                self._routes.pop(token, None)
+            return
+        route.feed(frame)
+
+    def _fail_routes(self, error: BaseException) -> None:
+        routes = list(self._routes.values())
+        self._routes.clear()
+        for route in routes:
+            route.feed(error)
+
+    def _external_context(self, reply: str) -> CausalContext:
+        event_id = self._ids()
+        return CausalContext(event_id, "external", event_id, ("external",))
+
+    def _report_bad_input(self, where: str, exc: BaseException) -> None:
+        self.bad_inputs += 1
+        key = f"{where}:{type(exc).__name__}"
+        if key not in self._bad_input_logged:
+            self._bad_input_logged.add(key)
+            log.warning("%s: dropped malformed input (%s); further ones are counted only",
+                        where, exc)
+
+    # ----- TransportListener --------------------------------------------------------
+
+    def on_disconnected(self) -> None:
+        self._fail_routes(TransportError("the connection to the transport was lost"))
+
+    def on_reconnected(self) -> None:
+        log.info("transport reconnected")
+
+    def on_closed(self, error: BaseException | None) -> None:
+        if self._state == "running":
+            reason = f": {error}" if error else ""
+            self._fail_routes(TransportError(f"the transport closed{reason}"))
+
+    def on_dropped(self, subject: str, count: int) -> None:
+        prefix = f"{self.namespace}.node."
+        if subject.startswith(prefix):
+            node = self._nodes.get(subject[len(prefix) :])
+            if node is not None:
+                node._mailbox.dropped += count
+                return
+        bcast = f"{self.namespace}.bcast."
+        if subject.startswith(bcast):
+            suffix = subject[len(bcast) :]
+            for node in self._nodes.values():
+                if suffix in node._subscriptions:
+                    node._mailbox.dropped += count
+                    return
+        log.warning("the transport dropped %d message(s) on %s", count, subject)

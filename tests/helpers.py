@@ -1,0 +1,48 @@
+"""Helpers shared by the tests: a system per test, and waiting on conditions."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+import happen
+
+_namespaces = itertools.count()
+
+
+def unique_namespace() -> str:
+    """A namespace no other test uses, so tests sharing one nats-server never interfere."""
+    return f"t{os.getpid()}x{next(_namespaces)}"
+
+
+def make_system(transport_url: str, **kwargs: Any) -> happen.System:
+    """A system on the test's transport, in a namespace of its own."""
+    kwargs.setdefault("namespace", unique_namespace())
+    return happen.System(transport=transport_url, **kwargs)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, checking at every turn of the loop (bounded)."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
+async def drained(*nodes: happen.Node, timeout: float = 5.0) -> None:
+    """Wait until the nodes run nothing and queue nothing."""
+    with anyio.fail_after(timeout):
+        for node in nodes:
+            await node._mailbox.wait_drained()
+
+
+def assert_accounted(node: happen.Node, sent: int) -> happen.NodeStats:
+    """Every event that reached ``node`` is counted once, and every accepted one finished."""
+    stats = node.stats()
+    assert stats.accepted + stats.rejected + stats.dropped == sent, stats
+    assert stats.completed + stats.failed == stats.accepted, stats
+    assert stats.active == 0 and stats.queued == 0, stats
+    return stats

@@ -1,0 +1,230 @@
+"""The in-memory transport: routes subjects inside one process.
+
+It moves bytes between subjects exactly as NATS would (``*`` and ``>`` wildcards, queue
+groups, the "no responders" status for a request nobody hears, a ``max_payload`` limit on the
+whole frame), so code that works here works over NATS. Subscription callbacks run inline,
+in the publisher's task, one after another; the core's callbacks never block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+
+import anyio
+
+from happen._errors import PayloadTooLargeError, TransportError
+from happen._transport import (
+    NO_RESPONDERS,
+    STATUS_HEADER,
+    MessageCallback,
+    TransportListener,
+)
+
+__all__ = ["MemoryTransport", "from_url"]
+
+log = logging.getLogger("happen.transports.memory")
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+class MemoryMessage:
+    """A delivered message (the same attributes as nats-py's ``Msg``)."""
+
+    __slots__ = ("data", "headers", "reply", "subject")
+
+    def __init__(
+        self, subject: str, data: bytes, reply: str, headers: dict[str, str] | None
+    ) -> None:
+        self.subject = subject
+        self.data = data
+        self.reply = reply
+        self.headers = headers
+
+
+class MemorySubscription:
+    """A subscription on a :class:`MemoryTransport`."""
+
+    __slots__ = ("_transport", "active", "callback", "pattern", "queue", "tokens")
+
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        pattern: str,
+        callback: MessageCallback,
+        queue: str | None,
+    ) -> None:
+        self._transport = transport
+        self.pattern = pattern
+        self.tokens = pattern.split(".")
+        self.callback = callback
+        self.queue = queue
+        self.active = True
+
+    def matches(self, subject_tokens: list[str]) -> bool:
+        tokens = self.tokens
+        n = len(tokens)
+        for i, token in enumerate(tokens):
+            if token == ">":
+                return len(subject_tokens) > i
+            if i >= len(subject_tokens):
+                return False
+            if token != "*" and token != subject_tokens[i]:
+                return False
+        return n == len(subject_tokens)
+
+    async def unsubscribe(self) -> None:
+        self._transport._remove(self)
+
+
+def _validate_subject(subject: str, *, wildcards: bool) -> None:
+    if not subject or any(c.isspace() for c in subject):
+        raise TransportError(f"invalid subject {subject!r}: empty or contains whitespace")
+    tokens = subject.split(".")
+    for i, token in enumerate(tokens):
+        if not token:
+            raise TransportError(f"invalid subject {subject!r}: empty token")
+        if token in ("*", ">") or "*" in token or ">" in token:
+            if not wildcards:
+                raise TransportError(f"invalid subject {subject!r}: wildcards are not allowed")
+            if token not in ("*", ">") or (token == ">" and i != len(tokens) - 1):
+                raise TransportError(f"invalid subject {subject!r}: misplaced wildcard")
+
+
+class MemoryTransport:
+    """Routes messages between subscriptions in this process.
+
+    ``max_payload`` (default 1 MiB, as nats-server's default) bounds the whole frame:
+    data plus headers.
+    """
+
+    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.max_payload = max_payload
+        self._subs: list[MemorySubscription] = []
+        self._routes: dict[str, list[list[MemorySubscription]]] = {}
+        self._rr = itertools.count()
+        self._inbox_ids = itertools.count()
+        self._started = False
+        self._closed = False
+        self._listener: TransportListener | None = None
+
+    def set_listener(self, listener: TransportListener | None) -> None:
+        self._listener = listener
+
+    async def start(self) -> None:
+        if self._closed:
+            raise TransportError("this memory transport was stopped; create a new one")
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._subs.clear()
+        self._routes.clear()
+        if self._listener is not None:
+            self._listener.on_closed(None)
+
+    def new_inbox(self) -> str:
+        return f"_INBOX.mem{id(self):x}.{next(self._inbox_ids)}"
+
+    async def subscribe(
+        self, subject: str, callback: MessageCallback, *, queue: str | None = None
+    ) -> MemorySubscription:
+        self._check_open()
+        _validate_subject(subject, wildcards=True)
+        sub = MemorySubscription(self, subject, callback, queue)
+        self._subs.append(sub)
+        self._routes.clear()
+        return sub
+
+    def _remove(self, sub: MemorySubscription) -> None:
+        if sub.active:
+            sub.active = False
+            try:
+                self._subs.remove(sub)
+            except ValueError:
+                pass
+            self._routes.clear()
+
+    def _route(self, subject: str) -> list[list[MemorySubscription]]:
+        """Groups of subscriptions a subject reaches: one group per queue, singles alone."""
+        tokens = subject.split(".")
+        plain: list[list[MemorySubscription]] = []
+        queues: dict[str, list[MemorySubscription]] = {}
+        for sub in self._subs:
+            if sub.matches(tokens):
+                if sub.queue is None:
+                    plain.append([sub])
+                else:
+                    queues.setdefault(sub.queue, []).append(sub)
+        route = plain + list(queues.values())
+        if len(self._routes) > 10_000:
+            self._routes.clear()
+        self._routes[subject] = route
+        return route
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("the memory transport is stopped")
+        if not self._started:
+            raise TransportError("the memory transport is not started")
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        reply: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._check_open()
+        size = len(data)
+        if headers:
+            size += sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+        if size > self.max_payload:
+            raise PayloadTooLargeError(
+                f"message of {size} bytes to {subject!r} is over the transport's "
+                f"max_payload of {self.max_payload} bytes; nothing was sent"
+            )
+        route = self._routes.get(subject)
+        if route is None:
+            _validate_subject(subject, wildcards=False)
+            route = self._route(subject)
+        if not route:
+            if reply:
+                await self._deliver_status(reply, NO_RESPONDERS)
+            return
+        hdrs = dict(headers) if headers else None
+        for group in route:
+            if len(group) == 1:
+                sub = group[0]
+            else:
+                sub = group[next(self._rr) % len(group)]
+            if not sub.active:
+                continue
+            await self._call(sub, MemoryMessage(subject, data, reply or "", hdrs))
+
+    async def _deliver_status(self, reply: str, status: str) -> None:
+        route = self._routes.get(reply)
+        if route is None:
+            route = self._route(reply)
+        for group in route:
+            sub = group[0]
+            await self._call(sub, MemoryMessage(reply, b"", "", {STATUS_HEADER: status}))
+
+    async def _call(self, sub: MemorySubscription, msg: MemoryMessage) -> None:
+        try:
+            await sub.callback(msg)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception:
+            log.exception("subscription callback for %r raised", sub.pattern)
+
+
+def from_url(url: str) -> MemoryTransport:
+    """Build a transport for ``"memory"`` (or ``"memory://"``)."""
+    if url not in ("memory", "memory://"):
+        raise TransportError(f"the memory transport takes the URL 'memory', not {url!r}")
+    return MemoryTransport()
