@@ -57,7 +57,7 @@ class Codec:
             )
         return data
 
-    def decoder(self, type: type[T]) -> "Decoder[T]":
+    def decoder(self, type: type[T]) -> Decoder[T]:
         """A reusable decoder for ``type``, guarded by the depth scan."""
         return Decoder(self, type)
 
@@ -99,7 +99,7 @@ class Decoder(Generic[T]):
         if self._too_deep(data):
             raise CodecError(f"refused input nested deeper than {self._codec.max_depth} levels")
         try:
-            return self._decode(data)  # type: ignore[no-any-return]
+            return self._decode(data)
         except msgspec.ValidationError as exc:
             raise CodecError(f"malformed message: {exc}") from None
         except (msgspec.DecodeError, RecursionError) as exc:

@@ -20,9 +20,9 @@ def classify(fn: Callable[..., Any]) -> int:
     """How to call ``fn``: awaited, iterated (async generator), or in a worker thread."""
     if not callable(fn):
         raise TypeError(f"a handler must be callable, not {type(fn).__name__}")
-    target = fn
-    if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and hasattr(fn, "__call__"):
-        call = fn.__call__
+    target: Any = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        call = getattr(fn, "__call__", None)  # noqa: B004 (an instance with an async __call__)
         if inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call):
             target = call
     if inspect.isasyncgenfunction(target):

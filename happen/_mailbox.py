@@ -195,5 +195,7 @@ class Mailbox(Generic[Item]):
             except BaseException:
                 if slot in self._idle:
                     self._idle.remove(slot)
+                elif slot.item is not None:
+                    await self._run(slot.item)  # cancelled: fails and answers the item
                 raise
             item = slot.item

@@ -430,5 +430,3 @@ async def _aclose(agen: AsyncIterator[Any]) -> None:
 def _handler_failure(exc: BaseException) -> p.Failure:
     message = str(exc).replace("\r", " ").replace("\n", " ")
     return p.Failure(p.HANDLER_ERROR, message, type(exc).__name__)
-
-

@@ -103,8 +103,9 @@ def _safe_predicate(predicate: Callable[[str], bool]) -> Callable[[str], bool]:
         try:
             return bool(predicate(event_type))
         except Exception:
-            log.exception("pattern predicate %r raised on %r; treated as no match",
-                          predicate, event_type)
+            log.exception(
+                "pattern predicate %r raised on %r; treated as no match", predicate, event_type
+            )
             return False
 
     return matches

@@ -38,7 +38,7 @@ BAD_REQUEST = "bad_request"
 UNAVAILABLE = "unavailable"
 
 
-class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True, frozen=True):
+class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True):
     pass
 
 

@@ -19,7 +19,6 @@ from happen._errors import (
     CodecError,
     HandlerError,
     HappenError,
-    NodeNotFoundError,
     NoHandlerError,
     QueueFullError,
     SendTimeout,
@@ -68,6 +67,7 @@ class Call:
         "system",
         "target",
         "token",
+        "waiting",
     )
 
     def __init__(self, system: System, target: str) -> None:
@@ -78,6 +78,7 @@ class Call:
         self.held = False
         self.gate: Any = None
         self.abandoned = False
+        self.waiting = True  # no final frame and no stream start yet
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
         self._frames: deque[Any] = deque()
         self._wake: anyio.Event | None = None
@@ -95,8 +96,12 @@ class Call:
             return
         if type(frame) is p.StreamStart:
             self.control = frame.control
+            self.waiting = False
+            self.system._on_answered()
         elif isinstance(frame, _FINAL) or isinstance(frame, BaseException):
             self.release()
+            self.waiting = False
+            self.system._on_answered()
         self._frames.append(frame)
         if self._wake is not None:
             self._wake.set()

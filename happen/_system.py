@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 
 from happen import _protocol as p
 from happen._broadcast import BroadcastStream
-from happen._codec import make_codec
+from happen._codec import Decoder, make_codec
 from happen._config import ConcurrencyConfig, ConcurrencySettings
 from happen._errors import (
     InvalidConfigError,
@@ -84,7 +84,9 @@ class System:
     - ``worker_threads``: how many sync handlers may run at once in threads (40).
     - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
 
-    ``start()`` and ``stop()`` must be awaited from the same task.
+    Use it as an async context manager; ``stop()`` may also be awaited inside the
+    ``async with`` block. Without ``async with``, ``start()`` and ``stop()`` must be awaited
+    from the same task and cancel-scope level (the system's task group lives between them).
     """
 
     def __init__(
@@ -100,7 +102,9 @@ class System:
         worker_threads: int = 40,
         drain_timeout: float = 10.0,
     ) -> None:
-        self._config = ConcurrencyConfig(dict(concurrency) if concurrency is not None else None)
+        self._config = ConcurrencyConfig(
+            dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
+        )
         try:
             validate_node_id(namespace)
         except InvalidIdError:
@@ -130,6 +134,11 @@ class System:
         self._syncing = False
         self._settled: anyio.Event | None = None
         self._tg: TaskGroup | None = None
+        self._task_scopes: set[anyio.CancelScope] = set()
+        self._tasks_done: anyio.Event | None = None
+        self._cancelling = False
+        self._answered: anyio.Event | None = None
+        self._context_managed = False
         self._state = "new"
         self._accepting = False
         self._inbox_prefix = ""
@@ -137,8 +146,8 @@ class System:
         self.bad_inputs = 0  # malformed frames received by this system, all nodes together
         self.stray_frames = 0  # well-formed frames for a request or stream no longer here
         self._request_decoder = self._codec.decoder(p.Request)
-        self._inbox_decoder = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
-        self._broadcast_decoder = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
+        self._inbox_decoder: Decoder[Any] = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
+        self._broadcast_decoder: Decoder[Any] = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
         self._cancelled: type[BaseException] = BaseException
         self._limiter: anyio.CapacityLimiter = None  # type: ignore[assignment]
 
@@ -149,6 +158,7 @@ class System:
 
     async def __aenter__(self) -> System:
         await self.start()
+        self._context_managed = True
         return self
 
     async def __aexit__(
@@ -158,6 +168,7 @@ class System:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+        await self._close_task_group()
 
     async def start(self) -> None:
         """Connect the transport and subscribe every node. Raises ``TransportError``."""
@@ -180,10 +191,12 @@ class System:
             self._accepting = True
             for node in self._nodes.values():
                 await self._subscribe_node(node)
-        except BaseException as exc:
+        except BaseException:
             self._state = "stopped"
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            with anyio.CancelScope(shield=True):
+                await self._cancel_tasks()
+            self._tg = None
+            await tg.__aexit__(None, None, None)
             with anyio.CancelScope(shield=True):
                 try:
                     await transport.stop()
@@ -217,8 +230,12 @@ class System:
                         await self._reply(
                             work.reply, p.Failure(p.UNAVAILABLE, f"node {node.id!r} stopped")
                         )
-            tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
+            await self._cancel_tasks()
+            # Replies our own nodes published to our own callers may still be in flight.
+            with anyio.move_on_after(2.0):
+                while self._awaiting_local_replies():
+                    self._answered = anyio.Event()
+                    await self._answered.wait()
         self._fail_routes(SystemStoppedError("the system stopped"))
         self._state = "stopped"
         with anyio.CancelScope(shield=True):
@@ -226,6 +243,34 @@ class System:
                 await self._transport.stop()
             except Exception:
                 log.warning("the transport failed to stop cleanly", exc_info=True)
+        if not self._context_managed:
+            await self._close_task_group()
+
+    def _awaiting_local_replies(self) -> bool:
+        return any(
+            type(route) is Call and route.waiting and route.target in self._nodes
+            for route in self._routes.values()
+        )
+
+    def _on_answered(self) -> None:
+        if self._answered is not None:
+            event, self._answered = self._answered, None
+            event.set()
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every task the system spawned and wait until they have all ended."""
+        self._cancelling = True
+        while self._task_scopes:
+            for scope in list(self._task_scopes):
+                scope.cancel()
+            if self._tasks_done is None:
+                self._tasks_done = anyio.Event()
+            await self._tasks_done.wait()
+
+    async def _close_task_group(self) -> None:
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            await tg.__aexit__(None, None, None)
 
     def _resolve_transport(self, spec: Transport | str) -> Transport:
         if not isinstance(spec, str):
@@ -268,7 +313,23 @@ class System:
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._tg is not None
-        self._tg.start_soon(fn, *args)
+        self._tg.start_soon(self._run_task, fn, args)
+
+    async def _run_task(self, fn: Any, args: tuple[Any, ...]) -> None:
+        # Each task runs in its own scope, so stop() can cancel the system's tasks without
+        # cancelling the code that entered the system's task group.
+        scope = anyio.CancelScope()
+        self._task_scopes.add(scope)
+        if self._cancelling:
+            scope.cancel()
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            self._task_scopes.discard(scope)
+            if not self._task_scopes and self._tasks_done is not None:
+                event, self._tasks_done = self._tasks_done, None
+                event.set()
 
     def _sync_subscriptions(self, node: Node) -> None:
         """Bring the node's subscriptions in line with its handlers, in the background."""
@@ -365,9 +426,7 @@ class System:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
             timeout_ms = max(1, int(timeout * 1000))
         context = new_context(self._ids, sender.id)
-        frame = p.Request(
-            event_type, payload, context, priority, self._window, timeout_ms, self.id
-        )
+        frame = p.Request(event_type, payload, context, priority, self._window, timeout_ms, self.id)
         return self._codec.encode(frame)
 
     async def _send(
@@ -458,9 +517,7 @@ class System:
             raise frame
         raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")
 
-    async def _broadcast(
-        self, sender: Node, event: Any, stream: AsyncIterable[Any] | None
-    ) -> None:
+    async def _broadcast(self, sender: Node, event: Any, stream: AsyncIterable[Any] | None) -> None:
         _, event_type, payload = self._prepare(sender.id, event)
         if self._syncing:
             await self._settle()
@@ -602,8 +659,9 @@ class System:
         key = f"{where}:{type(exc).__name__}"
         if key not in self._bad_input_logged:
             self._bad_input_logged.add(key)
-            log.warning("%s: dropped malformed input (%s); further ones are counted only",
-                        where, exc)
+            log.warning(
+                "%s: dropped malformed input (%s); further ones are counted only", where, exc
+            )
 
     # ----- TransportListener --------------------------------------------------------
 

@@ -22,7 +22,7 @@ from happen._transport import (
     TransportListener,
 )
 
-__all__ = ["MemoryTransport", "from_url"]
+__all__ = ["MemoryBroker", "MemoryTransport", "from_url"]
 
 log = logging.getLogger("happen.transports.memory")
 
@@ -92,18 +92,34 @@ def _validate_subject(subject: str, *, wildcards: bool) -> None:
                 raise TransportError(f"invalid subject {subject!r}: misplaced wildcard")
 
 
+class MemoryBroker:
+    """The subject table several memory transports can share, like clients of one server.
+
+    Each ``happen.System(transport="memory")`` gets a broker of its own; pass one broker to
+    several ``MemoryTransport``s to run several systems ("hosts") in one process.
+    """
+
+    def __init__(self) -> None:
+        self.subs: list[MemorySubscription] = []
+        self.routes: dict[str, list[list[MemorySubscription]]] = {}
+        self.rr = itertools.count()
+
+
 class MemoryTransport:
     """Routes messages between subscriptions in this process.
 
     ``max_payload`` (default 1 MiB, as nats-server's default) bounds the whole frame:
-    data plus headers.
+    data plus headers. Transports built with the same ``broker`` reach each other.
     """
 
-    def __init__(self, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(
+        self, *, max_payload: int = DEFAULT_MAX_PAYLOAD, broker: MemoryBroker | None = None
+    ) -> None:
         self.max_payload = max_payload
-        self._subs: list[MemorySubscription] = []
-        self._routes: dict[str, list[list[MemorySubscription]]] = {}
-        self._rr = itertools.count()
+        self.broker = broker if broker is not None else MemoryBroker()
+        self._subs = self.broker.subs
+        self._routes = self.broker.routes
+        self._rr = self.broker.rr
         self._inbox_ids = itertools.count()
         self._started = False
         self._closed = False
@@ -121,8 +137,8 @@ class MemoryTransport:
         if self._closed:
             return
         self._closed = True
-        self._subs.clear()
-        self._routes.clear()
+        for sub in [sub for sub in self._subs if sub._transport is self]:
+            self._remove(sub)
         if self._listener is not None:
             self._listener.on_closed(None)
 
