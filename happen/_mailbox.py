@@ -42,9 +42,9 @@ class _Slot:
 
     __slots__ = ("item", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Any) -> None:
         self.item: Any = None
-        self.wake = anyio.Event()
+        self.wake = wake
 
 
 class Mailbox(Generic[Item]):
@@ -60,7 +60,9 @@ class Mailbox(Generic[Item]):
         run: Callable[[Item], Awaitable[None]],
         spawn: Callable[..., None],
         relieved: Callable[[], Awaitable[None]],
+        signal: Callable[[], Any] = anyio.Event,
     ) -> None:
+        self._signal = signal
         self.settings = settings
         self._max = settings.max_concurrent
         self._limit = settings.queue_limit
@@ -188,7 +190,7 @@ class Mailbox(Generic[Item]):
             if self._drained is not None and not self.active:
                 event, self._drained = self._drained, None
                 event.set()
-            slot = _Slot()
+            slot = _Slot(self._signal())
             self._idle.append(slot)
             try:
                 await slot.wake.wait()

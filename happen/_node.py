@@ -17,6 +17,7 @@ from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
+from happen._signal import Signal
 from happen._stream import Stream
 from happen._transport import Message
 
@@ -49,14 +50,15 @@ class Work:
 class Producer:
     """The producing side of a streamed reply: credit from the consumer, and its cancel."""
 
-    __slots__ = ("_wake", "abandoned", "cancelled", "credit", "scope")
+    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "scope")
 
-    def __init__(self, credit: int) -> None:
+    def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
+        self._signal = signal
         self.credit = credit
         self.cancelled = False
         self.abandoned = False
         self.scope: anyio.CancelScope | None = None
-        self._wake: anyio.Event | None = None
+        self._wake: Signal | None = None
 
     def feed(self, frame: Any) -> None:
         if type(frame) is p.Credit:
@@ -74,7 +76,7 @@ class Producer:
 
     async def wait_credit(self) -> None:
         while self.credit <= 0:
-            self._wake = anyio.Event()
+            self._wake = self._signal()
             await self._wake.wait()
             self._wake = None
 
@@ -87,7 +89,7 @@ class Node:
         self._system = system
         self._handlers = HandlerTable()
         self._mailbox: Mailbox[Work] = Mailbox(
-            settings, self._execute, system._spawn, self._send_owed_acks
+            settings, self._execute, system._spawn, self._send_owed_acks, system._new_signal
         )
         self._owed_acks: list[str] = []
         self._subscriptions: dict[str, Any] = {}  # broadcast subject suffix -> Subscription
@@ -361,7 +363,7 @@ class Node:
         """Stream ``agen``'s items to the caller, never more than the granted credit ahead."""
         system = self._system
         mailbox = self._mailbox
-        producer = Producer(work.window if work.reply else 1 << 62)
+        producer = Producer(work.window if work.reply else 1 << 62, system._signal)
         control = system._register(producer) if work.reply else ""  # the inbox token
         outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
         try:

@@ -24,6 +24,7 @@ from happen._errors import (
     SendTimeout,
     TransportError,
 )
+from happen._signal import Signal
 
 if TYPE_CHECKING:
     from happen._system import System
@@ -81,7 +82,7 @@ class Call:
         self.waiting = True  # no final frame and no stream start yet
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
         self._frames: deque[Any] = deque()
-        self._wake: anyio.Event | None = None
+        self._wake: Signal | None = None
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
@@ -116,7 +117,7 @@ class Call:
 
     async def next_frame(self) -> Any:
         while not self._frames:
-            self._wake = anyio.Event()
+            self._wake = self.system._signal()
             await self._wake.wait()
             self._wake = None
         return self._frames.popleft()

@@ -6,7 +6,7 @@ import importlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -29,6 +29,7 @@ from happen._events import CausalContext, Event, IdGenerator, new_context
 from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import NodeStats
 from happen._node import Node, Producer
+from happen._signal import Signal, signal_factory
 from happen._stream import Call, Stream, failure_to_error
 from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
 
@@ -149,6 +150,7 @@ class System:
         self._inbox_decoder: Decoder[Any] = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
         self._broadcast_decoder: Decoder[Any] = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
         self._cancelled: type[BaseException] = BaseException
+        self._signal: Callable[[], Signal] = anyio.Event
         self._limiter: anyio.CapacityLimiter = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
@@ -176,6 +178,7 @@ class System:
             raise SystemStoppedError(f"a system starts once; this one is {self._state}")
         transport = self._resolve_transport(self._transport_spec)
         self._cancelled = anyio.get_cancelled_exc_class()
+        self._signal = signal_factory()
         self._limiter = anyio.CapacityLimiter(self._threads)
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -310,6 +313,9 @@ class System:
     def stats(self) -> dict[str, NodeStats]:
         """A snapshot of every node's stats, by node id."""
         return {node_id: node.stats() for node_id, node in self._nodes.items()}
+
+    def _new_signal(self) -> Signal:
+        return self._signal()
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         assert self._tg is not None

@@ -46,7 +46,8 @@ class TransportListener(Protocol):
         """The transport closed for good (or was stopped)."""
 
     def on_dropped(self, subject: str, count: int) -> None:
-        """``count`` messages for ``subject`` were dropped by the transport (slow consumer)."""
+        """``count`` messages were dropped by the transport (slow consumer) on the
+        subscription whose subject (or wildcard pattern) is ``subject``."""
 
 
 MessageCallback = Callable[[Message], Awaitable[None]]

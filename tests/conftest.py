@@ -141,7 +141,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
-    """The session's nats-server; restarted first if an earlier test left it stopped."""
+    """The session's nats-server, started on first use (``make_transport`` and
+    ``transport_url`` start it again if a test left it stopped)."""
     with NatsServer() as server:
         yield server
 

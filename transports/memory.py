@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections.abc import Mapping
 
 import anyio
@@ -78,18 +79,28 @@ class MemorySubscription:
         self._transport._remove(self)
 
 
+_TOKEN = r"[^\s.*>]+"
+_PUBLISH_SUBJECT = re.compile(rf"{_TOKEN}(?:\.{_TOKEN})*")
+_SUBSCRIBE_SUBJECT = re.compile(rf"(?:{_TOKEN}|\*)(?:\.(?:{_TOKEN}|\*))*(?:\.>)?|>")
+
+
 def _validate_subject(subject: str, *, wildcards: bool) -> None:
-    if not subject or any(c.isspace() for c in subject):
-        raise TransportError(f"invalid subject {subject!r}: empty or contains whitespace")
-    tokens = subject.split(".")
-    for i, token in enumerate(tokens):
-        if not token:
-            raise TransportError(f"invalid subject {subject!r}: empty token")
-        if token in ("*", ">") or "*" in token or ">" in token:
-            if not wildcards:
-                raise TransportError(f"invalid subject {subject!r}: wildcards are not allowed")
-            if token not in ("*", ">") or (token == ">" and i != len(tokens) - 1):
-                raise TransportError(f"invalid subject {subject!r}: misplaced wildcard")
+    pattern = _SUBSCRIBE_SUBJECT if wildcards else _PUBLISH_SUBJECT
+    if not pattern.fullmatch(subject):
+        raise TransportError(
+            f"invalid subject {subject!r}: tokens must be non-empty, without whitespace"
+            + (", with '*' or a final '>' as whole tokens" if wildcards else " or wildcards")
+        )
+
+
+def _header_size(headers: Mapping[str, str]) -> int:
+    """Bytes the headers take in a NATS frame; refuses line breaks, as the NATS transport does."""
+    size = len(b"NATS/1.0\r\n\r\n")
+    for key, value in headers.items():
+        if any(c in key or c in value for c in "\r\n"):
+            raise TransportError(f"header {key!r} contains a line break; nothing was sent")
+        size += len(key.encode()) + len(value.encode()) + len(b": \r\n")
+    return size
 
 
 class MemoryBroker:
@@ -103,6 +114,19 @@ class MemoryBroker:
         self.subs: list[MemorySubscription] = []
         self.routes: dict[str, list[list[MemorySubscription]]] = {}
         self.rr = itertools.count()
+        # indexes: exact subjects, "literal.prefix.*" patterns (inboxes), everything else
+        self.exact: dict[str, list[MemorySubscription]] = {}
+        self.star: dict[str, list[MemorySubscription]] = {}
+        self.wild: list[MemorySubscription] = []
+
+    def index(self, sub: MemorySubscription) -> list[MemorySubscription]:
+        pattern = sub.pattern
+        if "*" not in pattern and ">" not in pattern:
+            return self.exact.setdefault(pattern, [])
+        head = pattern[:-2]
+        if pattern.endswith(".*") and "*" not in head and ">" not in head:
+            return self.star.setdefault(head, [])
+        return self.wild
 
 
 class MemoryTransport:
@@ -152,6 +176,7 @@ class MemoryTransport:
         _validate_subject(subject, wildcards=True)
         sub = MemorySubscription(self, subject, callback, queue)
         self._subs.append(sub)
+        self.broker.index(sub).append(sub)
         self._routes.clear()
         return sub
 
@@ -160,25 +185,33 @@ class MemoryTransport:
             sub.active = False
             try:
                 self._subs.remove(sub)
+                self.broker.index(sub).remove(sub)
             except ValueError:
                 pass
             self._routes.clear()
 
     def _route(self, subject: str) -> list[list[MemorySubscription]]:
         """Groups of subscriptions a subject reaches: one group per queue, singles alone."""
-        tokens = subject.split(".")
+        broker = self.broker
+        matched = [
+            *broker.exact.get(subject, ()),
+            *broker.star.get(subject.rpartition(".")[0], ()),
+        ]
+        if broker.wild:
+            tokens = subject.split(".")
+            matched.extend(sub for sub in broker.wild if sub.matches(tokens))
         plain: list[list[MemorySubscription]] = []
         queues: dict[str, list[MemorySubscription]] = {}
-        for sub in self._subs:
-            if sub.matches(tokens):
-                if sub.queue is None:
-                    plain.append([sub])
-                else:
-                    queues.setdefault(sub.queue, []).append(sub)
+        for sub in matched:
+            if sub.queue is None:
+                plain.append([sub])
+            else:
+                queues.setdefault(sub.queue, []).append(sub)
         route = plain + list(queues.values())
-        if len(self._routes) > 10_000:
-            self._routes.clear()
-        self._routes[subject] = route
+        if not subject.startswith("_INBOX."):  # reply inboxes are used once: not worth keeping
+            if len(self._routes) > 10_000:
+                self._routes.clear()
+            self._routes[subject] = route
         return route
 
     def _check_open(self) -> None:
@@ -198,7 +231,7 @@ class MemoryTransport:
         self._check_open()
         size = len(data)
         if headers:
-            size += sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+            size += _header_size(headers)
         if size > self.max_payload:
             raise PayloadTooLargeError(
                 f"message of {size} bytes to {subject!r} is over the transport's "
