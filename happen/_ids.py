@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from happen._errors import InvalidIdError
@@ -20,18 +21,31 @@ EVENT_TYPE_RULE = (
 
 def validate_node_id(node_id: object) -> str:
     """Return ``node_id`` if it is a valid node id, else raise ``InvalidIdError``."""
-    if type(node_id) is not str or not _NODE_ID.fullmatch(node_id):
+    if type(node_id) is not str:
         raise InvalidIdError(f"invalid node id {_show(node_id)}: a node id is {NODE_ID_RULE}")
-    return node_id
+    return _valid_node_id(node_id)
 
 
 def validate_event_type(event_type: object) -> str:
     """Return ``event_type`` if it is a valid event type, else raise ``InvalidIdError``."""
-    if (
-        type(event_type) is not str
-        or len(event_type) > 256
-        or not _EVENT_TYPE.fullmatch(event_type)
-    ):
+    if type(event_type) is not str:
+        raise InvalidIdError(
+            f"invalid event type {_show(event_type)}: an event type is {EVENT_TYPE_RULE}"
+        )
+    return _valid_event_type(event_type)
+
+
+# Ids and types repeat on the hot path: remember the valid ones (a pure function's memo).
+@functools.lru_cache(maxsize=4096)
+def _valid_node_id(node_id: str) -> str:
+    if not _NODE_ID.fullmatch(node_id):
+        raise InvalidIdError(f"invalid node id {_show(node_id)}: a node id is {NODE_ID_RULE}")
+    return node_id
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_event_type(event_type: str) -> str:
+    if len(event_type) > 256 or not _EVENT_TYPE.fullmatch(event_type):
         raise InvalidIdError(
             f"invalid event type {_show(event_type)}: an event type is {EVENT_TYPE_RULE}"
         )

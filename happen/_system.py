@@ -403,8 +403,10 @@ class System:
 
     def _prepare(self, target: Any, event: Any) -> tuple[str, str, Any]:
         self._check_running()
-        target_id = target.id if isinstance(target, Node) else target
-        validate_node_id(target_id)
+        if isinstance(target, Node):
+            target_id = target.id
+        else:
+            target_id = validate_node_id(target)
         if isinstance(event, Event):
             return target_id, validate_event_type(event.type), event.payload
         if not isinstance(event, Mapping):
@@ -524,7 +526,7 @@ class System:
         raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")
 
     async def _broadcast(self, sender: Node, event: Any, stream: AsyncIterable[Any] | None) -> None:
-        _, event_type, payload = self._prepare(sender.id, event)
+        _, event_type, payload = self._prepare(sender, event)
         if self._syncing:
             await self._settle()
         for node in self._nodes.values():
