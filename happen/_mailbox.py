@@ -57,7 +57,7 @@ class Mailbox(Generic[Item]):
     def __init__(
         self,
         settings: ConcurrencySettings,
-        run: Callable[[Item], Awaitable[None]],
+        run: Callable[[Item, anyio.CancelScope], Awaitable[None]],
         spawn: Callable[..., None],
         relieved: Callable[[], Awaitable[None]],
         signal: Callable[[], Any] = anyio.Event,
@@ -176,8 +176,25 @@ class Mailbox(Generic[Item]):
             event.set()
 
     async def _worker(self, item: Item) -> None:
+        # One cancel scope for the worker's whole life (a scope per item would cost more
+        # than the rest of a round trip). Cancelling it abandons the item being run; the
+        # worker then ends and a fresh one takes over the queue.
+        scope = anyio.CancelScope()
+        with scope:
+            await self._serve(item, scope)
+        self.active -= 1
+        if self.queued:
+            self.active += 1
+            self._spawn(self._worker, self._take())
+            self._wake_waiters()
+        else:
+            self._signal_drained()
+
+    async def _serve(self, item: Item, scope: anyio.CancelScope) -> None:
         while True:
-            await self._run(item)
+            await self._run(item, scope)
+            if scope.cancel_called:
+                return  # the item was abandoned as it finished: this worker retires
             if self.queued:
                 item = self._take()
                 if self.queued < self._pressure_at:
@@ -187,9 +204,7 @@ class Mailbox(Generic[Item]):
                         await self._relieved()
                 continue
             self.active -= 1
-            if self._drained is not None and not self.active:
-                event, self._drained = self._drained, None
-                event.set()
+            self._signal_drained()
             slot = _Slot(self._signal())
             self._idle.append(slot)
             try:
@@ -198,6 +213,11 @@ class Mailbox(Generic[Item]):
                 if slot in self._idle:
                     self._idle.remove(slot)
                 elif slot.item is not None:
-                    await self._run(slot.item)  # cancelled: fails and answers the item
+                    await self._run(slot.item, scope)  # cancelled: fails and answers it
                 raise
             item = slot.item
+
+    def _signal_drained(self) -> None:
+        if self._drained is not None and not self.active:
+            event, self._drained = self._drained, None
+            event.set()

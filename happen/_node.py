@@ -35,7 +35,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Work:
     """An admitted event waiting for, or holding, a slot."""
 
-    __slots__ = ("deadline", "event", "handler", "reply", "window")
+    __slots__ = ("abandoned", "deadline", "event", "handler", "reply", "scope", "window")
 
     def __init__(
         self, event: Event, handler: Handler, reply: str, window: int, deadline: float | None
@@ -45,6 +45,8 @@ class Work:
         self.reply = reply
         self.window = window
         self.deadline = deadline
+        self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
+        self.abandoned = False  # the caller gave up
 
 
 class Producer:
@@ -94,6 +96,8 @@ class Node:
         self._owed_acks: list[str] = []
         self._subscriptions: dict[str, Any] = {}  # broadcast subject suffix -> Subscription
         self._direct: Any = None  # the point-to-point Subscription
+        self._cancels: Any = None  # the Subscription to abandon messages
+        self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
 
     def __repr__(self) -> str:
@@ -233,7 +237,11 @@ class Node:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else system._window
         work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
+        if reply:
+            self._inflight[reply] = work
         if not mailbox.offer(work, req.priority):
+            if reply:
+                del self._inflight[reply]
             mailbox.rejected += 1
             if reply:
                 message = f"node {self.id!r} queue is full ({mailbox.queued} queued)"
@@ -243,6 +251,21 @@ class Node:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
             await system._reply(reply, p.Hold())
+
+    async def _on_abandon(self, msg: Message) -> None:
+        system = self._system
+        try:
+            frame = system._abandon_decoder.decode(msg.data)
+        except CodecError as exc:
+            system._report_bad_input(f"node {self.id!r} cancel", exc)
+            return
+        work = self._inflight.get(frame.reply)
+        if work is None:
+            system.stray_frames += 1  # finished already, or another instance has it
+            return
+        work.abandoned = True
+        if work.scope is not None:
+            work.scope.cancel()
 
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
@@ -306,11 +329,20 @@ class Node:
 
     # ----- execution ----------------------------------------------------------------
 
-    async def _execute(self, work: Work) -> None:
+    async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
+        if work.abandoned:  # the caller gave up while it waited in the queue
+            self._mailbox.failed += 1
+            self._inflight.pop(work.reply, None)
+            await self._reply(work, _abandoned(self.id))
+            return
+        work.scope = scope
         token = current_event.set(work.event)
         try:
             await self._run_handler(work)
         finally:
+            work.scope = None
+            if work.reply:
+                self._inflight.pop(work.reply, None)
             current_event.reset(token)
             bstream = work.event.stream
             if isinstance(bstream, BroadcastStream):
@@ -336,7 +368,9 @@ class Node:
         except system._cancelled:
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):
-                await self._reply(work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped"))
+                await self._reply(
+                    work, _abandoned(self.id) if work.abandoned else _stopped(self.id)
+                )
             raise
         except Exception as exc:
             mailbox.failed += 1
@@ -394,7 +428,9 @@ class Node:
             with anyio.CancelScope(shield=True):
                 await _aclose(agen)
                 system._forget_token(control)
-                await self._reply(work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped"))
+                await self._reply(
+                    work, _abandoned(self.id) if work.abandoned else _stopped(self.id)
+                )
             raise
         except Exception as exc:
             mailbox.failed += 1
@@ -427,6 +463,15 @@ async def _aclose(agen: AsyncIterator[Any]) -> None:
         await aclose()
     except Exception:
         log.exception("closing a handler's async generator raised")
+
+
+def _abandoned(node_id: str) -> p.Failure:
+    # answered so the caller's system can forget the request (the caller is gone)
+    return p.Failure(p.TIMEOUT, f"node {node_id!r} cancelled the handler: the caller gave up")
+
+
+def _stopped(node_id: str) -> p.Failure:
+    return p.Failure(p.UNAVAILABLE, f"node {node_id!r} stopped")
 
 
 def _handler_failure(exc: BaseException) -> p.Failure:

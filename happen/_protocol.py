@@ -13,6 +13,7 @@ import msgspec
 from happen._events import CausalContext
 
 __all__ = [
+    "Abandon",
     "Ack",
     "BroadcastEnd",
     "BroadcastFrame",
@@ -100,6 +101,15 @@ class Credit(_Frame, tag="credit"):
 
 class Cancel(_Frame, tag="cancel"):
     """The consumer is gone: stop the producer."""
+
+
+class Abandon(_Frame, tag="abandon"):
+    """The caller of ``reply`` gave up (cancelled or timed out): cancel its handler.
+
+    Published to ``{ns}.cancel.{node_id}``, which every instance of the node hears.
+    """
+
+    reply: str
 
 
 class Broadcast(_Frame, tag="bcast"):

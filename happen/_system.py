@@ -148,6 +148,7 @@ class System:
         self.stray_frames = 0  # well-formed frames for a request or stream no longer here
         self._request_decoder = self._codec.decoder(p.Request)
         self._inbox_decoder: Decoder[Any] = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
+        self._abandon_decoder = self._codec.decoder(p.Abandon)
         self._broadcast_decoder: Decoder[Any] = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
         self._cancelled: type[BaseException] = BaseException
         self._signal: Callable[[], Signal] = anyio.Event
@@ -229,6 +230,7 @@ class System:
             for node in self._nodes.values():
                 for work in node._mailbox.take_queued():
                     node._mailbox.failed += 1
+                    node._inflight.pop(work.reply, None)
                     if work.reply:
                         await self._reply(
                             work.reply, p.Failure(p.UNAVAILABLE, f"node {node.id!r} stopped")
@@ -251,7 +253,10 @@ class System:
 
     def _awaiting_local_replies(self) -> bool:
         return any(
-            type(route) is Call and route.waiting and route.target in self._nodes
+            type(route) is Call
+            and route.waiting
+            and not route.abandoned
+            and route.target in self._nodes
             for route in self._routes.values()
         )
 
@@ -366,6 +371,9 @@ class System:
         transport = self._transport
         assert transport is not None
         if node._direct is None:
+            node._cancels = await transport.subscribe(
+                f"{self.namespace}.cancel.{node.id}", node._on_abandon
+            )
             node._direct = await transport.subscribe(
                 f"{self.namespace}.node.{node.id}", node._on_request, queue=node.id
             )
@@ -382,8 +390,8 @@ class System:
             await node._subscriptions.pop(subject).unsubscribe()
 
     async def _unsubscribe_node(self, node: Node) -> None:
-        subs = [node._direct, *node._subscriptions.values()]
-        node._direct = None
+        subs = [node._direct, *node._subscriptions.values(), node._cancels]
+        node._direct = node._cancels = None
         node._subscriptions.clear()
         for sub in subs:
             if sub is not None:
@@ -611,7 +619,14 @@ class System:
             except Exception as exc:
                 log.debug("could not cancel a stream: %s", exc)
         else:
-            call.abandoned = True
+            call.abandoned = True  # a stream that starts later is cancelled at once
+            try:
+                await self._send_frame(
+                    f"{self.namespace}.cancel.{call.target}",
+                    p.Abandon(self._inbox_prefix + call.token),
+                )
+            except Exception as exc:
+                log.debug("could not tell node %r the call was abandoned: %s", call.target, exc)
 
     def _gate_for(self, target: str) -> _Gate:
         gate = self._gates.get(target)

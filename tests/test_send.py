@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import happen
-from tests.helpers import assert_accounted, drained, make_system
+from tests.helpers import assert_accounted, drained, eventually, make_system
 
 pytestmark = pytest.mark.anyio
 
@@ -193,3 +193,38 @@ async def test_timeout_raises_send_timeout_and_cancels_the_handler(transport_url
         stats = assert_accounted(node, sent=1)
         assert stats.failed == 1 and stats.active == 0
         assert await client.send("slow", {"type": "quick"}, timeout=5) == "done"
+
+
+async def test_cancelling_the_caller_cancels_the_handler(transport_url: str) -> None:
+    config = {"patterns": {"one-slot": {"max_concurrent": 1}}}
+    async with make_system(transport_url, concurrency=config) as system:
+        node = system.create_node("one-slot")
+        started = anyio.Event()
+        cancelled = anyio.Event()
+
+        @node.on("hang")
+        async def hang(event: happen.Event, context: dict) -> None:
+            started.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cancelled.set()
+
+        node.on("quick", lambda e, c: "served")
+        client = system.create_node("client")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.send, "one-slot", {"type": "hang"})
+            # a second call waits in the queue behind the first; its caller gives up too
+            tg.start_soon(client.send, "one-slot", {"type": "hang"})
+            with anyio.fail_after(5):
+                await started.wait()
+            await eventually(lambda: node.stats().queued == 1)
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(1):
+            await cancelled.wait()
+        await drained(node)
+        stats = assert_accounted(node, sent=2)
+        assert stats.failed == 2
+        await eventually(lambda: not system._routes)  # nothing left behind by the callers
+        # the slot is free again: a new call is served at once
+        assert await client.send("one-slot", {"type": "quick"}, timeout=5) == "served"
