@@ -37,21 +37,15 @@ class NodeStats(msgspec.Struct, frozen=True):
     dropped: int
 
 
-class _Slot:
-    """An idle worker waiting for an item."""
-
-    __slots__ = ("item", "wake")
-
-    def __init__(self, wake: Any) -> None:
-        self.item: Any = None
-        self.wake = wake
-
-
 class Mailbox(Generic[Item]):
     """Runs at most ``max_concurrent`` items at once; queues up to ``queue_limit`` more.
 
-    Workers are spawned on demand (up to the cap) and then stay, idle, until the system
-    stops. ``run`` must not raise (except cancellation): it counts its own outcome.
+    An admitted item takes a slot (``active``) and waits in ``_ready`` for a worker. Workers
+    are spawned on demand (up to the cap) and then stay, idle, until the system stops. At
+    most one wake-up is in flight at a time: a worker that starts while more items are ready
+    wakes the next one, so a burst is served without a task switch per item while handlers
+    that wait on I/O still spread over the workers. ``run`` must not raise (except
+    cancellation): it counts its own outcome.
     """
 
     def __init__(
@@ -74,7 +68,10 @@ class Mailbox(Generic[Item]):
         self._run = run
         self._spawn = spawn
         self._relieved = relieved
-        self._idle: list[_Slot] = []
+        self._ready: deque[Item] = deque()  # admitted, holding a slot, waiting for a worker
+        self._idle: list[Any] = []  # signals of idle workers
+        self._workers = 0
+        self._waking = False
         self._relief: anyio.Event | None = None
         self._drained: anyio.Event | None = None
         self.owes_acks = False
@@ -125,12 +122,9 @@ class Mailbox(Generic[Item]):
         if self.active < self._max:
             self.active += 1
             self.accepted += 1
-            if self._idle:
-                slot = self._idle.pop()
-                slot.item = item
-                slot.wake.set()
-            else:
-                self._spawn(self._worker, item)
+            self._ready.append(item)
+            if not self._waking:
+                self._wake_one()
             return True
         if self.queued >= self._limit:
             return False
@@ -142,9 +136,11 @@ class Mailbox(Generic[Item]):
         self.accepted += 1
         return True
 
-    def take_queued(self) -> list[Item]:
-        """Remove and return everything still queued (used when the system stops)."""
-        items = list(self._fifo) + [entry[2] for entry in sorted(self._heap)]
+    def take_pending(self) -> list[Item]:
+        """Remove and return every item not yet running (used when the system stops)."""
+        items = list(self._ready) + list(self._fifo) + [entry[2] for entry in sorted(self._heap)]
+        self.active -= len(self._ready)
+        self._ready.clear()
         self._fifo.clear()
         self._heap.clear()
         self.queued = 0
@@ -175,47 +171,62 @@ class Mailbox(Generic[Item]):
             event, self._relief = self._relief, None
             event.set()
 
-    async def _worker(self, item: Item) -> None:
+    def _wake_one(self) -> None:
+        if self._idle:
+            self._waking = True
+            self._idle.pop().set()
+        elif self._workers < self._max:
+            self._waking = True
+            self._workers += 1
+            self._spawn(self._worker)
+        # else every worker is busy: each takes ready items before it goes idle
+
+    async def _worker(self) -> None:
         # One cancel scope for the worker's whole life (a scope per item would cost more
         # than the rest of a round trip). Cancelling it abandons the item being run; the
-        # worker then ends and a fresh one takes over the queue.
+        # worker then retires and another takes over.
         scope = anyio.CancelScope()
-        with scope:
-            await self._serve(item, scope)
-        self.active -= 1
-        if self.queued:
-            self.active += 1
-            self._spawn(self._worker, self._take())
-            self._wake_waiters()
-        else:
-            self._signal_drained()
+        try:
+            with scope:
+                await self._serve(scope)
+        finally:
+            self._workers -= 1
+        self._free_slot()
+        if self._ready and not self._waking:
+            self._wake_one()
 
-    async def _serve(self, item: Item, scope: anyio.CancelScope) -> None:
+    async def _serve(self, scope: anyio.CancelScope) -> None:
         while True:
-            await self._run(item, scope)
-            if scope.cancel_called:
-                return  # the item was abandoned as it finished: this worker retires
-            if self.queued:
-                item = self._take()
-                if self.queued < self._pressure_at:
-                    self._wake_waiters()
-                    if self.owes_acks:
-                        self.owes_acks = False
-                        await self._relieved()
-                continue
+            self._waking = False
+            while self._ready:
+                item = self._ready.popleft()
+                if self._ready and not self._waking:
+                    self._wake_one()
+                await self._run(item, scope)
+                if scope.cancel_called:
+                    return  # the item was abandoned as it finished: this worker retires
+                self._free_slot()
+                if self.owes_acks and self.queued < self._pressure_at:
+                    self.owes_acks = False
+                    await self._relieved()
+            signal = self._signal()
+            self._idle.append(signal)
+            try:
+                await signal.wait()
+            except BaseException:
+                if signal in self._idle:
+                    self._idle.remove(signal)
+                raise
+
+    def _free_slot(self) -> None:
+        """An item finished: its slot goes to the next queued item, or is released."""
+        if self.queued:
+            self._ready.append(self._take())
+            if self.queued < self._pressure_at:
+                self._wake_waiters()
+        else:
             self.active -= 1
             self._signal_drained()
-            slot = _Slot(self._signal())
-            self._idle.append(slot)
-            try:
-                await slot.wake.wait()
-            except BaseException:
-                if slot in self._idle:
-                    self._idle.remove(slot)
-                elif slot.item is not None:
-                    await self._run(slot.item, scope)  # cancelled: fails and answers it
-                raise
-            item = slot.item
 
     def _signal_drained(self) -> None:
         if self._drained is not None and not self.active:

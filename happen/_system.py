@@ -228,7 +228,7 @@ class System:
                 for node in self._nodes.values():
                     await node._mailbox.wait_drained()
             for node in self._nodes.values():
-                for work in node._mailbox.take_queued():
+                for work in node._mailbox.take_pending():
                     node._mailbox.failed += 1
                     node._inflight.pop(work.reply, None)
                     if work.reply:
@@ -415,6 +415,9 @@ class System:
             target_id = target.id
         else:
             target_id = validate_node_id(target)
+        if type(event) is dict and "type" in event and len(event) <= 2:
+            if len(event) == 1 or "payload" in event:  # the common shape, checked cheaply
+                return target_id, validate_event_type(event["type"]), event.get("payload")
         if isinstance(event, Event):
             return target_id, validate_event_type(event.type), event.payload
         if not isinstance(event, Mapping):
