@@ -116,66 +116,92 @@ def make_codec(name: object, max_depth: object) -> Codec:
     return Codec(name, max_depth)
 
 
+def _msgpack_table() -> list[tuple[int, int, int]]:
+    """For each first byte: (kind, a, b).
+
+    kind 0: a scalar of ``a`` bytes in all; kind 1: a string/bin/ext whose length is in the
+    ``a`` bytes after the header, plus ``b`` more bytes; kind 2: a container of ``a`` items
+    (fixmap items count keys and values); kind 3: a container whose count is in the ``a``
+    bytes after the header, times ``b``; kind 4: never used (0xc1).
+    """
+    table: list[tuple[int, int, int]] = []
+    for byte in range(256):
+        if byte <= 0x7F or byte >= 0xE0 or byte in (0xC0, 0xC2, 0xC3):
+            table.append((0, 1, 0))
+        elif byte <= 0x8F:
+            table.append((2, (byte & 0x0F) * 2, 0))
+        elif byte <= 0x9F:
+            table.append((2, byte & 0x0F, 0))
+        elif byte <= 0xBF:
+            table.append((0, 1 + (byte & 0x1F), 0))
+        elif byte in (0xC4, 0xD9):
+            table.append((1, 1, 0))
+        elif byte in (0xC5, 0xDA):
+            table.append((1, 2, 0))
+        elif byte in (0xC6, 0xDB):
+            table.append((1, 4, 0))
+        elif byte == 0xC7:
+            table.append((1, 1, 1))
+        elif byte == 0xC8:
+            table.append((1, 2, 1))
+        elif byte == 0xC9:
+            table.append((1, 4, 1))
+        elif byte in (0xCA, 0xCE, 0xD2):
+            table.append((0, 5, 0))
+        elif byte in (0xCB, 0xCF, 0xD3):
+            table.append((0, 9, 0))
+        elif byte in (0xCC, 0xD0):
+            table.append((0, 2, 0))
+        elif byte in (0xCD, 0xD1):
+            table.append((0, 3, 0))
+        elif 0xD4 <= byte <= 0xD8:
+            table.append((0, 2 + (1 << (byte - 0xD4)), 0))
+        elif byte == 0xDC:
+            table.append((3, 2, 1))
+        elif byte == 0xDD:
+            table.append((3, 4, 1))
+        elif byte == 0xDE:
+            table.append((3, 2, 2))
+        elif byte == 0xDF:
+            table.append((3, 4, 2))
+        else:
+            table.append((4, 0, 0))
+    return table
+
+
+_MSGPACK_TABLE = _msgpack_table()
+
+
 def _msgpack_depth_exceeds(data: bytes, limit: int) -> bool:
     """Walk msgpack headers without building values; True when nesting exceeds ``limit``."""
+    table = _MSGPACK_TABLE
+    from_bytes = int.from_bytes
     pos = 0
     n = len(data)
-    stack: list[int] = []  # items left to read in each open container
+    stack: list[int] = []  # items left in each enclosing container
+    left = 1  # items left in the innermost open container (the top level holds one)
     while pos < n:
-        b = data[pos]
-        pos += 1
-        children = 0
-        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-            pass
-        elif b <= 0x8F:
-            children = (b & 0x0F) * 2
-        elif b <= 0x9F:
-            children = b & 0x0F
-        elif b <= 0xBF:
-            pos += b & 0x1F
-        elif b in (0xC4, 0xD9):
-            pos += 1 + data[pos] if pos < n else 1
-        elif b in (0xC5, 0xDA):
-            pos += 2 + int.from_bytes(data[pos : pos + 2], "big")
-        elif b in (0xC6, 0xDB):
-            pos += 4 + int.from_bytes(data[pos : pos + 4], "big")
-        elif b == 0xC7:
-            pos += 2 + (data[pos] if pos < n else 0)
-        elif b == 0xC8:
-            pos += 3 + int.from_bytes(data[pos : pos + 2], "big")
-        elif b == 0xC9:
-            pos += 5 + int.from_bytes(data[pos : pos + 4], "big")
-        elif b in (0xCA, 0xCE, 0xD2):
-            pos += 4
-        elif b in (0xCB, 0xCF, 0xD3):
-            pos += 8
-        elif b in (0xCC, 0xD0):
-            pos += 1
-        elif b in (0xCD, 0xD1):
-            pos += 2
-        elif 0xD4 <= b <= 0xD8:
-            pos += 1 + (1 << (b - 0xD4))
-        elif b == 0xDC:
-            children = int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
-        elif b == 0xDD:
-            children = int.from_bytes(data[pos : pos + 4], "big")
-            pos += 4
-        elif b == 0xDE:
-            children = 2 * int.from_bytes(data[pos : pos + 2], "big")
-            pos += 2
-        elif b == 0xDF:
-            children = 2 * int.from_bytes(data[pos : pos + 4], "big")
-            pos += 4
-        else:  # 0xC1 is never used: the decoder will reject the input
-            return False
-        if stack:
-            stack[-1] -= 1
-        if b in _MSGPACK_CONTAINER_BYTES:
+        kind, a, b = table[data[pos]]
+        if kind == 0:
+            pos += a
+        elif kind == 1:
+            pos += 1 + a + b + from_bytes(data[pos + 1 : pos + 1 + a], "big")
+        elif kind == 4:
+            return False  # not msgpack: the decoder will reject it
+        else:
+            if kind == 2:
+                pos += 1
+                children = a
+            else:
+                children = from_bytes(data[pos + 1 : pos + 1 + a], "big") * b
+                pos += 1 + a
             if len(stack) + 1 > limit:
                 return True
             if children:
-                stack.append(children)
-        while stack and stack[-1] == 0:
-            stack.pop()
+                stack.append(left - 1)
+                left = children
+                continue
+        left -= 1
+        while not left and stack:
+            left = stack.pop()
     return False

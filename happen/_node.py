@@ -11,13 +11,13 @@ import anyio
 
 from happen import _protocol as p
 from happen._broadcast import BroadcastStream
-from happen._errors import CodecError, InvalidIdError
+from happen._errors import CodecError, InvalidIdError, PayloadTooLargeError
 from happen._events import Event, current_event
 from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
-from happen._signal import Signal
+from happen._producer import Producer, pump
 from happen._stream import Stream
 from happen._transport import Message
 
@@ -47,40 +47,6 @@ class Work:
         self.deadline = deadline
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
-
-
-class Producer:
-    """The producing side of a streamed reply: credit from the consumer, and its cancel."""
-
-    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "scope")
-
-    def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
-        self._signal = signal
-        self.credit = credit
-        self.cancelled = False
-        self.abandoned = False
-        self.scope: anyio.CancelScope | None = None
-        self._wake: Signal | None = None
-
-    def feed(self, frame: Any) -> None:
-        if type(frame) is p.Credit:
-            if frame.n > 0:
-                self.credit += frame.n
-                if self._wake is not None:
-                    self._wake.set()
-        elif type(frame) is p.Cancel or isinstance(frame, BaseException):
-            self.cancel()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    async def wait_credit(self) -> None:
-        while self.credit <= 0:
-            self._wake = self._signal()
-            await self._wake.wait()
-            self._wake = None
 
 
 class Node:
@@ -393,6 +359,18 @@ class Node:
         if work.reply:
             await self._system._reply(work.reply, frame)
 
+    async def _publish_items(self, reply: str, items: list[Any]) -> None:
+        """One frame for the batch; split in halves if it is over the transport's limit."""
+        frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
+        try:
+            await self._system._reply(reply, frame)
+        except PayloadTooLargeError:
+            if len(items) == 1:
+                raise
+            half = len(items) // 2
+            await self._publish_items(reply, items[:half])
+            await self._publish_items(reply, items[half:])
+
     async def _produce(self, work: Work, agen: AsyncIterator[Any]) -> None:
         """Stream ``agen``'s items to the caller, never more than the granted credit ahead."""
         system = self._system
@@ -400,6 +378,11 @@ class Node:
         producer = Producer(work.window if work.reply else 1 << 62, system._signal)
         control = system._register(producer) if work.reply else ""  # the inbox token
         outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
+
+        async def publish(items: list[Any]) -> None:
+            if work.reply:
+                await self._publish_items(work.reply, items)
+
         try:
             if work.reply:
                 await system._reply(work.reply, p.StreamStart(system._inbox_prefix + control))
@@ -407,22 +390,7 @@ class Node:
                 producer.scope = scope
                 if producer.cancelled:
                     scope.cancel()
-                while True:
-                    if producer.credit <= 0:
-                        with anyio.move_on_after(system._idle_timeout) as idle:
-                            await producer.wait_credit()
-                        if idle.cancelled_caught:
-                            outcome = "idle"
-                            break
-                        continue
-                    try:
-                        item = await agen.__anext__()
-                    except StopAsyncIteration:
-                        outcome = "end"
-                        break
-                    producer.credit -= 1
-                    if work.reply:
-                        await system._reply(work.reply, p.Chunk(item))
+                outcome = await pump(agen, producer, publish, system._idle_timeout)
         except system._cancelled:
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):

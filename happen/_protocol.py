@@ -20,6 +20,7 @@ __all__ = [
     "BroadcastItem",
     "Cancel",
     "Chunk",
+    "Chunks",
     "Credit",
     "Failure",
     "Hold",
@@ -89,6 +90,12 @@ class Chunk(_Frame, tag="chunk"):
     item: Any = None
 
 
+class Chunks(_Frame, tag="chunks"):
+    """Several streamed items in order (each counts as one item against the credit)."""
+
+    items: list[Any]
+
+
 class StreamEnd(_Frame, tag="end"):
     """The stream finished (final)."""
 
@@ -135,5 +142,7 @@ class BroadcastEnd(_Frame, tag="bend"):
     error: str | None = None
 
 
-InboxFrame = Result | Failure | Hold | Ack | StreamStart | Chunk | StreamEnd | Credit | Cancel
+InboxFrame = (
+    Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
+)
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd

@@ -146,6 +146,7 @@ class Stream:
         self._opener = opener
         self._consumed = 0
         self._granted = 0
+        self._batch: deque[Any] = deque()  # items of a received Chunks frame, not yet read
         self._closed = False
         self._single: list[Any] | None = None
 
@@ -189,6 +190,8 @@ class Stream:
                 return self._single.pop()
             await self.aclose()
             raise StopAsyncIteration
+        if self._batch:
+            return await self._count(self._batch.popleft())
         if self._closed:
             raise StopAsyncIteration
         call = self._call
@@ -208,12 +211,10 @@ class Stream:
             raise
         kind = type(frame)
         if kind is p.Chunk:
-            self._consumed += 1
-            if self._consumed - self._granted >= self._grant_at and call.control:
-                n = self._consumed - self._granted
-                self._granted = self._consumed
-                await call.system._send_frame(call.control, p.Credit(n))
-            return frame.item
+            return await self._count(frame.item)
+        if kind is p.Chunks and frame.items:
+            self._batch.extend(frame.items)
+            return await self._count(self._batch.popleft())
         self._finish()
         if kind is p.StreamEnd:
             raise StopAsyncIteration
@@ -225,6 +226,17 @@ class Stream:
         if isinstance(frame, BaseException):
             raise frame
         raise TransportError(f"unexpected {kind.__name__} frame in a stream from {call.target!r}")
+
+    async def _count(self, item: Any) -> Any:
+        """One more item read: grant credit back every half window."""
+        self._consumed += 1
+        if self._consumed - self._granted >= self._grant_at:
+            control = self._call.control
+            if control:
+                n = self._consumed - self._granted
+                self._granted = self._consumed
+                await self._call.system._send_frame(control, p.Credit(n))
+        return item
 
     def _finish(self) -> None:
         if not self._closed:

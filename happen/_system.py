@@ -28,7 +28,8 @@ from happen._errors import (
 from happen._events import CausalContext, Event, IdGenerator, new_context
 from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import NodeStats
-from happen._node import Node, Producer
+from happen._node import Node
+from happen._producer import Producer
 from happen._signal import Signal, signal_factory
 from happen._stream import Call, Stream, failure_to_error
 from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport

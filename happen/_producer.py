@@ -1,0 +1,135 @@
+"""The producing side of a streamed reply: credit, cancel, and batching of items.
+
+The handler's generator runs in a pump task that buffers items, never more than the credit
+the consumer granted; the publishing loop sends everything buffered as one frame. A fast
+generator gets large batches (the per-message cost of the transport is paid once per batch);
+a slow one has each item published as soon as it is yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from happen import _protocol as p
+from happen._signal import Signal
+
+__all__ = ["Producer", "pump"]
+
+#: Items a generator may yield in a row before the pump lets the publisher run.
+BATCH_LIMIT = 64
+
+
+class Producer:
+    """Credit from the consumer, and its cancel; fed by the system's inbox callback."""
+
+    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "scope")
+
+    def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
+        self._signal = signal
+        self.credit = credit
+        self.cancelled = False
+        self.abandoned = False
+        self.scope: anyio.CancelScope | None = None
+        self._wake: Signal | None = None
+
+    def feed(self, frame: Any) -> None:
+        if type(frame) is p.Credit:
+            if frame.n > 0:
+                self.credit += frame.n
+                if self._wake is not None:
+                    self._wake.set()
+        elif type(frame) is p.Cancel or isinstance(frame, BaseException):
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def wait_credit(self) -> None:
+        while self.credit <= 0:
+            self._wake = self._signal()
+            await self._wake.wait()
+            self._wake = None
+
+
+class _Buffer:
+    __slots__ = ("_signal", "_wake", "done", "error", "items", "outcome")
+
+    def __init__(self, signal: Callable[[], Signal]) -> None:
+        self._signal = signal
+        self._wake: Signal | None = None
+        self.items: list[Any] = []
+        self.done = False
+        self.error: Exception | None = None
+        self.outcome = "end"
+
+    def notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def wait(self) -> None:
+        self._wake = self._signal()
+        await self._wake.wait()
+        self._wake = None
+
+
+async def pump(
+    agen: AsyncIterator[Any],
+    producer: Producer,
+    publish: Callable[[list[Any]], Awaitable[None]],
+    idle_timeout: float,
+) -> str:
+    """Run ``agen`` within the credit and publish its items in batches.
+
+    Returns ``"end"`` when the generator finished or ``"idle"`` when the consumer granted no
+    credit for ``idle_timeout`` seconds; raises what the generator raised, after publishing
+    the items it yielded before.
+    """
+    buffer = _Buffer(producer._signal)
+
+    async def generate() -> None:
+        in_a_row = 0
+        try:
+            while True:
+                if producer.credit <= 0:
+                    with anyio.move_on_after(idle_timeout) as idle:
+                        await producer.wait_credit()
+                    if idle.cancelled_caught:
+                        buffer.outcome = "idle"
+                        return
+                    continue
+                item = await agen.__anext__()
+                producer.credit -= 1
+                buffer.items.append(item)
+                buffer.notify()
+                in_a_row += 1
+                if in_a_row >= BATCH_LIMIT and len(buffer.items) >= BATCH_LIMIT:
+                    in_a_row = 0
+                    await anyio.lowlevel.checkpoint()  # let the publisher send a batch
+        except StopAsyncIteration:
+            buffer.outcome = "end"
+        except Exception as exc:
+            buffer.error = exc
+        finally:
+            buffer.done = True
+            buffer.notify()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(generate)
+        while True:
+            if buffer.items:
+                items = buffer.items
+                buffer.items = []
+                await publish(items)
+            elif buffer.done:
+                break
+            else:
+                await buffer.wait()
+    if buffer.error is not None:
+        raise buffer.error
+    return buffer.outcome
