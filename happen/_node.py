@@ -217,6 +217,8 @@ class Node:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
             await system._reply(reply, p.Hold())
+        elif req.probe and reply:
+            await system._reply(reply, p.Ack())
 
     async def _on_abandon(self, msg: Message) -> None:
         system = self._system

@@ -130,6 +130,9 @@ async def pump(
                 break
             else:
                 await buffer.wait()
+    # A cancelled generator task also ends the loop above (its finally marks the buffer
+    # done): make sure a cancellation is raised here, not mistaken for the end of the stream.
+    await anyio.lowlevel.checkpoint_if_cancelled()
     if buffer.error is not None:
         raise buffer.error
     return buffer.outcome

@@ -54,6 +54,7 @@ class Request(_Frame, tag="req"):
     window: int = 256  # stream credit the caller grants up front
     timeout_ms: int | None = None
     origin: str = ""  # the sending system's id; "" for foreign clients
+    probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
 
 
 class Result(_Frame, tag="res"):

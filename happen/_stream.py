@@ -64,6 +64,7 @@ class Call:
         "control",
         "gate",
         "held",
+        "probe",
         "reserved",
         "system",
         "target",
@@ -77,7 +78,8 @@ class Call:
         self.token = ""
         self.control: str | None = None
         self.held = False
-        self.gate: Any = None
+        self.gate: Any = None  # the RemoteGate this call holds, after a "hold"
+        self.probe: Any = None  # the RemoteGate this call probes for
         self.abandoned = False
         self.waiting = True  # no final frame and no stream start yet
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
@@ -91,11 +93,13 @@ class Call:
                 self.held = True
                 self.gate = self.system._gate_for(self.target)
                 self.gate.hold()
+            self._probed()
             return
         if type(frame) is p.Ack:
             self.release()
             return
         if type(frame) is p.StreamStart:
+            self._probed()
             self.control = frame.control
             self.waiting = False
             self.system._on_answered()
@@ -107,7 +111,14 @@ class Call:
         if self._wake is not None:
             self._wake.set()
 
+    def _probed(self) -> None:
+        if self.probe is not None:
+            gate, self.probe = self.probe, None
+            gate.probe_done()
+
     def release(self) -> None:
+        """Give back what the call holds: a local reservation, a remote hold, a probe."""
+        self._probed()
         if self.reserved is not None:
             mailbox, self.reserved = self.reserved, None
             mailbox.arrived()

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.abc import TaskGroup
 
 from happen import _protocol as p
@@ -29,6 +30,7 @@ from happen._events import CausalContext, Event, IdGenerator, new_context
 from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import NodeStats
 from happen._node import Node
+from happen._pressure import RemoteGate
 from happen._producer import Producer
 from happen._signal import Signal, signal_factory
 from happen._stream import Call, Stream, failure_to_error
@@ -37,31 +39,6 @@ from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
 __all__ = ["System"]
 
 log = logging.getLogger("happen")
-
-
-class _Gate:
-    """Senders' view of a remote node that signalled pressure: sends wait while held."""
-
-    __slots__ = ("_relief", "held")
-
-    def __init__(self) -> None:
-        self.held = 0
-        self._relief: anyio.Event | None = None
-
-    def hold(self) -> None:
-        self.held += 1
-
-    def release(self) -> None:
-        self.held -= 1
-        if self.held <= 0 and self._relief is not None:
-            event, self._relief = self._relief, None
-            event.set()
-
-    async def wait(self) -> None:
-        while self.held > 0:
-            if self._relief is None:
-                self._relief = anyio.Event()
-            await self._relief.wait()
 
 
 def _positive(name: str, value: object, kind: type) -> Any:
@@ -130,7 +107,7 @@ class System:
         self._tokens = itertools.count(1)
         self._nodes: dict[str, Node] = {}
         self._routes: dict[str, Any] = {}  # inbox token -> Call | Producer
-        self._gates: dict[str, _Gate] = {}
+        self._gates: dict[str, RemoteGate] = {}
         self._local_bstreams: dict[str, list[BroadcastStream]] = {}
         self._dirty: set[Node] = set()
         self._syncing = False
@@ -437,7 +414,8 @@ class System:
 
     def _request_frame(
         self, sender: Node, event_type: str, payload: Any, timeout: float | None, priority: int
-    ) -> bytes:
+    ) -> tuple[p.Request, bytes]:
+        """The request frame and its encoding (encoded now, so bad payloads fail here)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         timeout_ms = None
@@ -447,20 +425,20 @@ class System:
             timeout_ms = max(1, int(timeout * 1000))
         context = new_context(self._ids, sender.id)
         frame = p.Request(event_type, payload, context, priority, self._window, timeout_ms, self.id)
-        return self._codec.encode(frame)
+        return frame, self._codec.encode(frame)
 
     async def _send(
         self, sender: Node, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Any:
         target_id, event_type, payload = self._prepare(target, event)
-        data = self._request_frame(sender, event_type, payload, timeout, priority)
+        frame, data = self._request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
         if timeout is None:
-            first = await self._open(call, data)
+            first = await self._open(call, frame, data)
         else:
             try:
                 with anyio.fail_after(timeout):
-                    first = await self._open(call, data)
+                    first = await self._open(call, frame, data)
             except TimeoutError:
                 raise SendTimeout(
                     f"no reply from node {target_id!r} to {event_type!r} within {timeout} s"
@@ -473,15 +451,15 @@ class System:
         self, sender: Node, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Stream:
         target_id, event_type, payload = self._prepare(target, event)
-        data = self._request_frame(sender, event_type, payload, timeout, priority)
+        frame, data = self._request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
 
         async def opener() -> Any:
             if timeout is None:
-                return await self._open(call, data)
+                return await self._open(call, frame, data)
             try:
                 with anyio.fail_after(timeout):
-                    return await self._open(call, data)
+                    return await self._open(call, frame, data)
             except TimeoutError:
                 raise SendTimeout(
                     f"node {target_id!r} did not start {event_type!r} within {timeout} s"
@@ -489,7 +467,7 @@ class System:
 
         return Stream(call, window=self._window, timeout=timeout, opener=opener)
 
-    async def _open(self, call: Call, data: bytes) -> Any:
+    async def _open(self, call: Call, frame: p.Request, data: bytes) -> Any:
         """Publish a request; return its first reply (a Result or a StreamStart)."""
         self._check_running()
         if self._syncing:
@@ -504,8 +482,9 @@ class System:
             call.reserved = mailbox
         else:
             gate = self._gates.get(target)
-            if gate is not None and gate.held:
-                await gate.wait()
+            if gate is not None and await gate.admit(self._signal):
+                call.probe = gate
+                data = self._codec.encode(msgspec.structs.replace(frame, probe=True))
         token = self._register(call)
         call.token = token
         transport = self._transport
@@ -520,21 +499,21 @@ class System:
             self._forget(call)
             raise
         try:
-            frame = await call.next_frame()
+            first = await call.next_frame()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._abandon(call)
             raise
-        kind = type(frame)
+        kind = type(first)
         if kind is p.StreamStart:
-            return frame
+            return first
         self._forget(call)
         if kind is p.Result:
-            return frame
+            return first
         if kind is p.Failure:
-            raise failure_to_error(frame, target)
-        if isinstance(frame, BaseException):
-            raise frame
+            raise failure_to_error(first, target)
+        if isinstance(first, BaseException):
+            raise first
         raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")
 
     async def _broadcast(self, sender: Node, event: Any, stream: AsyncIterable[Any] | None) -> None:
@@ -632,10 +611,10 @@ class System:
             except Exception as exc:
                 log.debug("could not tell node %r the call was abandoned: %s", call.target, exc)
 
-    def _gate_for(self, target: str) -> _Gate:
+    def _gate_for(self, target: str) -> RemoteGate:
         gate = self._gates.get(target)
         if gate is None:
-            gate = self._gates[target] = _Gate()
+            gate = self._gates[target] = RemoteGate()
         return gate
 
     async def _on_inbox(self, msg: Message) -> None:

