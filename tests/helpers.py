@@ -28,7 +28,7 @@ def make_system(transport_url: str, **kwargs: Any) -> happen.System:
 async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait until ``condition()`` holds, checking at every turn of the loop (bounded)."""
     with anyio.fail_after(timeout):
-        while not condition():
+        while not condition():  # noqa: ASYNC110 (polling a condition, bounded)
             await anyio.sleep(0.001)
 
 

@@ -1,0 +1,1 @@
+"""happen's benchmark harness: ``python -m benchmarks`` (see benchmarks/README.md)."""
