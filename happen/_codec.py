@@ -22,6 +22,7 @@ T = TypeVar("T")
 # msgpack bytes that can start a container: fixmap, fixarray, array16/32, map16/32.
 _MSGPACK_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
 _MSGPACK_OTHER_BYTES = bytes(b for b in range(256) if b not in _MSGPACK_CONTAINER_BYTES)
+_JSON_OTHER_BYTES = bytes(b for b in range(256) if b not in b"[{")
 _JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
@@ -35,10 +36,18 @@ class Codec:
             self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
                 msgspec.msgpack.Encoder()
             )
-            self._too_deep = self._msgpack_too_deep
+            self._exact = _msgpack_depth_exceeds
+            self._other = _MSGPACK_OTHER_BYTES
         else:
             self._encoder = msgspec.json.Encoder()
-            self._too_deep = self._json_too_deep
+            self._exact = _json_depth_exceeds
+            self._other = _JSON_OTHER_BYTES
+
+    def _too_deep(self, data: bytes) -> bool:
+        """Nested deeper than ``max_depth``? One C-level count decides for ordinary input:
+        fewer bytes that can open a container than the limit. Only the rest are walked."""
+        limit = self.max_depth
+        return len(data.translate(None, self._other)) > limit and self._exact(data, limit)
 
     def encode(self, value: Any) -> bytes:
         """Encode ``value``; raise ``CodecError`` naming what could not be encoded."""
@@ -60,25 +69,6 @@ class Codec:
     def decoder(self, type: type[T]) -> Decoder[T]:
         """A reusable decoder for ``type``, guarded by the depth scan."""
         return Decoder(self, type)
-
-    def _msgpack_too_deep(self, data: bytes) -> bool:
-        if len(data.translate(None, _MSGPACK_OTHER_BYTES)) <= self.max_depth:
-            return False
-        return _msgpack_depth_exceeds(data, self.max_depth)
-
-    def _json_too_deep(self, data: bytes) -> bool:
-        if data.count(b"[") + data.count(b"{") <= self.max_depth:
-            return False
-        depth = 0
-        for match in _JSON_TOKENS.finditer(data):
-            token = match.group()
-            if token in (b"[", b"{"):
-                depth += 1
-                if depth > self.max_depth:
-                    return True
-            elif token in (b"]", b"}"):
-                depth -= 1
-        return False
 
 
 class Decoder(Generic[T]):
@@ -114,6 +104,20 @@ def make_codec(name: object, max_depth: object) -> Codec:
         raise InvalidConfigError(f"max_depth must be an int from 2 to 1000, not {max_depth!r}")
     assert isinstance(name, str)
     return Codec(name, max_depth)
+
+
+def _json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """True when JSON ``data`` nests arrays and objects deeper than ``limit``."""
+    depth = 0
+    for match in _JSON_TOKENS.finditer(data):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return False
 
 
 def _msgpack_table() -> list[tuple[int, int, int]]:
