@@ -27,7 +27,7 @@ from happen._errors import (
 from happen._signal import Signal
 
 if TYPE_CHECKING:
-    from happen._system import System
+    from happen._sending import Sending
 
 __all__ = ["Call", "Stream"]
 
@@ -72,7 +72,7 @@ class Call:
         "waiting",
     )
 
-    def __init__(self, system: System, target: str) -> None:
+    def __init__(self, system: Sending, target: str) -> None:
         self.system = system
         self.target = target
         self.token = ""
