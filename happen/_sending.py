@@ -122,16 +122,7 @@ class Sending:
         target_id, event_type, payload = self._prepare(target, event)
         frame, data = self._request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
-        if timeout is None:
-            first = await self._open(call, frame, data)
-        else:
-            try:
-                with anyio.fail_after(timeout):
-                    first = await self._open(call, frame, data)
-            except TimeoutError:
-                raise SendTimeout(
-                    f"no reply from node {target_id!r} to {event_type!r} within {timeout} s"
-                ) from None
+        first = await self._open_within(timeout, call, frame, data)
         if type(first) is p.Result:
             return first.value
         return Stream(call, window=self._window, timeout=timeout)
@@ -144,17 +135,23 @@ class Sending:
         call = Call(self, target_id)
 
         async def opener() -> Any:
-            if timeout is None:
-                return await self._open(call, frame, data)
-            try:
-                with anyio.fail_after(timeout):
-                    return await self._open(call, frame, data)
-            except TimeoutError:
-                raise SendTimeout(
-                    f"node {target_id!r} did not start {event_type!r} within {timeout} s"
-                ) from None
+            return await self._open_within(timeout, call, frame, data)
 
         return Stream(call, window=self._window, timeout=timeout, opener=opener)
+
+    async def _open_within(
+        self, timeout: float | None, call: Call, frame: p.Request, data: bytes
+    ) -> Any:
+        """``_open`` bounded by the call's timeout (``SendTimeout`` when it passes)."""
+        if timeout is None:
+            return await self._open(call, frame, data)
+        try:
+            with anyio.fail_after(timeout):
+                return await self._open(call, frame, data)
+        except TimeoutError:
+            raise SendTimeout(
+                f"no reply from node {call.target!r} to {frame.type!r} within {timeout} s"
+            ) from None
 
     async def _open(self, call: Call, frame: p.Request, data: bytes) -> Any:
         """Publish a request; return its first reply (a Result or a StreamStart)."""
