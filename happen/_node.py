@@ -197,7 +197,7 @@ class Node:
                 message = f"node {self.id!r} has no handler for event type {req.type!r}"
                 await system._reply(reply, p.Failure(p.NO_HANDLER, message))
             return
-        context = req.context or system._external_context(msg.reply)
+        context = req.context or system._external_context()
         deadline = None
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
@@ -278,7 +278,7 @@ class Node:
             bstream = BroadcastStream(self.id, frame.stream, system._window * 16)
             self._bstreams[frame.stream] = (bstream, subject)
             system._local_bstreams.setdefault(frame.stream, []).append(bstream)
-        context = frame.context or system._external_context("")
+        context = frame.context or system._external_context()
         event = Event(frame.type, frame.payload, context, bstream)
         if not mailbox.offer(Work(event, handler, "", 0, None)):
             mailbox.dropped += 1

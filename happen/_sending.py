@@ -342,7 +342,8 @@ class Sending:
         for route in routes:
             route.feed(error)
 
-    def _external_context(self, reply: str) -> CausalContext:
+    def _external_context(self) -> CausalContext:
+        """The context of an event from a foreign client, which sent none."""
         event_id = self._ids()
         return CausalContext(event_id, "external", event_id, ("external",))
 
