@@ -412,6 +412,9 @@ class Node:
         with anyio.CancelScope(shield=True):
             await _aclose(agen)
             system._forget_token(control)
+        if outcome == "cancelled" and producer.lost:
+            mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
+            return
         if outcome == "idle":
             mailbox.failed += 1
             message = (

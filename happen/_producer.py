@@ -26,12 +26,13 @@ BATCH_LIMIT = 64
 class Producer:
     """Credit from the consumer, and its cancel; fed by the system's inbox callback."""
 
-    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "scope")
+    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "lost", "scope")
 
     def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
         self._signal = signal
         self.credit = credit
         self.cancelled = False
+        self.lost = False  # cut off by the transport, not cancelled by the consumer
         self.abandoned = False
         self.scope: anyio.CancelScope | None = None
         self._wake: Signal | None = None
@@ -42,7 +43,10 @@ class Producer:
                 self.credit += frame.n
                 if self._wake is not None:
                     self._wake.set()
-        elif type(frame) is p.Cancel or isinstance(frame, BaseException):
+        elif type(frame) is p.Cancel:
+            self.cancel()
+        elif isinstance(frame, BaseException):  # the connection was lost or the system stops
+            self.lost = True
             self.cancel()
 
     def cancel(self) -> None:

@@ -379,3 +379,68 @@ async def test_server_restart_fails_calls_in_flight_then_recovers(
             assert 3 <= len(handled) <= 2 + attempts
     finally:
         nats_server.start()  # later tests share this server
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_server_restarts_mid_stream_fail_the_stream_and_close_the_generator(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.start().url
+    ns = unique_namespace()
+    a = happen.System(transport=url, namespace=ns)
+    b = happen.System(transport=url, namespace=ns)
+    producer = b.create_node("ticker")
+    closed: list[anyio.Event] = []
+
+    @producer.on("ticks")
+    async def ticks(event: happen.Event, context: dict):  # type: ignore[no-untyped-def]
+        done = anyio.Event()
+        closed.append(done)
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+                await anyio.sleep(0.005)
+        finally:
+            done.set()
+
+    producer.on("ping", lambda e, c: "pong")
+    client = a.create_node("client")
+    try:
+        async with running((a, client), (b, producer)):
+            for _ in range(3):  # several times in a row
+                got = 0
+                began = 0.0
+                with pytest.raises(happen.TransportError, match="lost"):
+                    async with client.stream("ticker", {"type": "ticks"}, timeout=30) as stream:
+                        async for _ in stream:
+                            got += 1
+                            if got == 5:
+                                nats_server.stop()
+                                began = time.monotonic()
+                assert got == 5
+                assert time.monotonic() - began < 5, "failed when the connection dropped"
+                with anyio.fail_after(WAIT):
+                    await closed[-1].wait()  # the producer's generator was closed
+                nats_server.start()
+                assert await _until_served(client, "ticker", {"type": "ping"}) == "pong"
+            await drained(producer)
+            stats = producer.stats()
+            # each cut stream counted failed, each ping completed; nothing lost
+            assert stats.accepted == stats.completed + stats.failed
+            assert stats.failed == 3 and stats.rejected == 0
+    finally:
+        nats_server.start()  # later tests share this server
+
+
+async def _until_served(client: happen.Node, target: str, event: dict[str, Any]) -> Any:
+    """Retry until the hosts have reconnected and resubscribed on their own (bounded)."""
+    retry = (happen.TransportError, happen.NodeNotFoundError, happen.SendTimeout)
+    with anyio.fail_after(20):
+        while True:
+            try:
+                return await client.send(target, event, timeout=1)
+            except retry:
+                await anyio.sleep(0.05)
