@@ -1,0 +1,211 @@
+"""Faults and hostile input: nothing leaks, nothing crashes, everything is counted."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import tracemalloc
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import happen
+from happen._transport import Message
+from happen.transports.memory import MemoryBroker, MemoryTransport
+from tests.conftest import NatsServer
+from tests.helpers import drained, eventually, make_system, unique_namespace
+
+WAIT = 10
+
+
+@pytest.mark.anyio
+async def test_a_thousand_abandoned_streams_leave_nothing_behind(transport_url: str) -> None:
+    async with make_system(transport_url) as system:
+        node = system.create_node("producer")
+        closed = 0
+
+        @node.on("items")
+        async def items(event: happen.Event, context: dict):  # type: ignore[no-untyped-def]
+            nonlocal closed
+            try:
+                i = 0
+                while True:
+                    yield i
+                    i += 1
+            finally:
+                closed += 1
+
+        client = system.create_node("client")
+
+        async def read_three_and_leave() -> None:
+            got = 0
+            async with client.stream("producer", {"type": "items"}) as stream:
+                async for _ in stream:
+                    got += 1
+                    if got == 3:
+                        break
+
+        for _ in range(50):  # warm up: workers, caches
+            await read_three_and_leave()
+        await eventually(lambda: closed == 50)
+        transport = system._transport
+        subscriptions = len(transport.broker.subs) if isinstance(transport, MemoryTransport) else 0
+        tasks = len(system._task_scopes)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            began = time.monotonic()
+            for _ in range(1000):
+                await read_three_and_leave()
+            # every producer's finally ran, within a second of the last consumer leaving
+            await eventually(lambda: closed == 1050, timeout=1)
+            await drained(node)
+            gc.collect()
+            growth = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert not system._routes, "no request or stream route is left"
+        assert not node._inflight
+        assert len(system._task_scopes) == tasks, "no task is left"
+        if isinstance(transport, MemoryTransport):
+            assert len(transport.broker.subs) == subscriptions, "no subscription is left"
+        assert growth < 512 * 1024, f"{growth} bytes kept after 1000 streams"
+        stats = node.stats()
+        assert stats.accepted == stats.completed == 1050
+        assert time.monotonic() - began < 30
+
+
+KINDS = ["req", "res", "err", "hold", "ack", "start", "chunk", "chunks", "end", "credit",
+         "cancel", "abandon", "bcast", "bitem", "bend", "nonsense"]
+FIELDS = ["k", "type", "payload", "context", "priority", "window", "timeout_ms", "origin",
+          "probe", "value", "code", "items", "n", "reply", "stream", "control"]
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=3),
+    max_leaves=8,
+)
+# each kind with its required fields, of the right types, holding arbitrary values
+REQUIRED: dict[str, dict[str, Any]] = {
+    "req": {"type": st.text(max_size=10)}, "res": {"value": values},
+    "err": {"code": st.text(max_size=12)}, "hold": {}, "ack": {},
+    "start": {"control": st.text(max_size=30)}, "chunk": {"item": values},
+    "chunks": {"items": st.lists(values, max_size=5)}, "end": {},
+    "credit": {"n": st.integers(-(2**63), 2**63 - 1)}, "cancel": {},
+    "abandon": {"reply": st.text(max_size=30)}, "bcast": {"type": st.text(max_size=10)},
+    "bitem": {"stream": st.text(max_size=10)}, "bend": {"stream": st.text(max_size=10)},
+}
+well_formed = st.sampled_from(sorted(REQUIRED)).flatmap(
+    lambda kind: st.fixed_dictionaries({"k": st.just(kind), **REQUIRED[kind]}).map(
+        msgspec.msgpack.encode
+    )
+)
+frames = st.one_of(
+    well_formed,
+    st.binary(max_size=200),
+    st.builds(
+        lambda kind, body: msgspec.msgpack.encode({"k": kind, **body}),
+        st.sampled_from(KINDS),
+        st.dictionaries(st.sampled_from(FIELDS), values, max_size=6),
+    ),
+    st.builds(
+        lambda body: msgspec.json.encode(body),
+        st.dictionaries(st.sampled_from(FIELDS), values, max_size=6),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(frames, min_size=1, max_size=12))
+def test_arbitrary_frames_never_break_a_node(batch: list[bytes]) -> None:
+    """Whatever arrives on a node's subject or a system's inbox: an answer or a count."""
+
+    crashes: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = crashes.append  # type: ignore[method-assign]
+    logger = logging.getLogger("happen.transports.memory")  # logs callbacks that raise
+    logger.addHandler(handler)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        ns = unique_namespace()
+        system = happen.System(transport=MemoryTransport(broker=broker), namespace=ns)
+        node = system.create_node("n")
+        node.on("x", lambda e, c: "ok")
+        raw = MemoryTransport(broker=broker)
+        replies: list[dict[str, Any]] = []
+
+        async def on_reply(msg: Message) -> None:
+            replies.append(msgspec.msgpack.decode(msg.data))
+
+        async with system:
+            await raw.start()
+            inbox = raw.new_inbox()
+            await raw.subscribe(inbox, on_reply)
+            for data in batch:
+                await raw.publish(f"{ns}.node.n", data, reply=inbox)
+                await raw.publish(system._inbox_prefix + "1", data)
+                await raw.publish(f"{ns}.cancel.n", data)
+            await drained(node)
+            # the node answered every request, with a result or a known failure code
+            await eventually(lambda: len(replies) == len(batch))
+            codes = {r.get("code") for r in replies if r["k"] == "err"}
+            assert codes <= {"bad_request", "no_handler", "queue_full", "timeout"}, codes
+            stats = node.stats()
+            assert stats.accepted + stats.rejected == len(batch)
+            assert stats.completed + stats.failed == stats.accepted
+            # and it keeps serving
+            client = system.create_node("client")
+            assert await client.send("n", {"type": "x"}) == "ok"
+            await raw.stop()
+
+    try:
+        anyio.run(scenario)
+    finally:
+        logger.removeHandler(handler)
+    assert not crashes, [r.getMessage() for r in crashes]
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_with_a_password_refuses_strangers_and_serves_its_users() -> None:
+    from happen.transports.nats import NatsTransport
+
+    with NatsServer(extra_args=["--user", "svc", "--pass", "s3cret"]) as server:
+        ns = unique_namespace()
+        began = time.monotonic()
+        with pytest.raises(happen.TransportError, match=r"(?i)authorization"):
+            async with happen.System(transport=server.url, namespace=ns):
+                pass
+        assert time.monotonic() - began < 5, "refused at once, not after minutes"
+        url = f"nats://svc:s3cret@127.0.0.1:{server.port}"
+        options = NatsTransport(server.url, user="svc", password="s3cret")
+        async with happen.System(transport=url, namespace=ns) as a, happen.System(
+            transport=options, namespace=ns
+        ) as b:
+            node = b.create_node("guarded")
+            node.on("hello", lambda e, c: f"hello {e.payload}")
+            client = a.create_node("client")
+            with anyio.fail_after(WAIT):
+                while True:  # b's subscription reaches the server
+                    try:
+                        result = await client.send("guarded", {"type": "hello", "payload": "a"})
+                        break
+                    except happen.NodeNotFoundError:
+                        await anyio.sleep(0.01)
+            assert result == "hello a"
