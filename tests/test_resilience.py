@@ -209,3 +209,72 @@ async def test_a_server_with_a_password_refuses_strangers_and_serves_its_users()
                     except happen.NodeNotFoundError:
                         await anyio.sleep(0.01)
             assert result == "hello a"
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_consumer_task_mid_stream_stops_the_producer(
+    transport_url: str,
+) -> None:
+    async with make_system(transport_url) as system:
+        node = system.create_node("producer")
+        finalised = anyio.Event()
+        reading = anyio.Event()
+
+        @node.on("items")
+        async def items(event: happen.Event, context: dict):  # type: ignore[no-untyped-def]
+            try:
+                i = 0
+                while True:
+                    yield i
+                    i += 1
+                    await anyio.sleep(0.001)
+            finally:
+                finalised.set()
+
+        client = system.create_node("client")
+
+        async def consume() -> None:
+            async with client.stream("producer", {"type": "items"}) as stream:
+                async for item in stream:
+                    if item == 3:
+                        reading.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            with anyio.fail_after(WAIT):
+                await reading.wait()
+            tg.cancel_scope.cancel()
+        with anyio.fail_after(1):
+            await finalised.wait()
+        await drained(node)
+        await eventually(lambda: not system._routes)
+        stats = node.stats()
+        assert stats.accepted == stats.completed == 1
+
+
+@pytest.mark.anyio
+async def test_payloads_at_under_and_over_the_limit(transport_url: str) -> None:
+    async with make_system(transport_url) as system:
+        node = system.create_node("sink")
+        node.on("blob", lambda e, c: len(e.payload))
+        client = system.create_node("client")
+        transport = system._transport
+        assert transport is not None
+        limit = transport.max_payload
+
+        def frame_size(n: int) -> int:
+            _, data = system._request_frame(client, "blob", "x" * n, None, 0)
+            return len(data)
+
+        envelope = frame_size(70_000) - 70_000  # the same string header size as at the limit
+        at_limit = limit - envelope
+        assert frame_size(at_limit) == limit
+        assert await client.send("sink", {"type": "blob", "payload": "x" * at_limit}) == at_limit
+        under = at_limit - 1
+        assert await client.send("sink", {"type": "blob", "payload": "x" * under}) == under
+        with pytest.raises(happen.PayloadTooLargeError, match=str(limit)):
+            await client.send("sink", {"type": "blob", "payload": "x" * (at_limit + 1)})
+        # a huge string just inside the limit went through; the node keeps serving
+        assert await client.send("sink", {"type": "blob", "payload": "ok"}) == 2
+        stats = node.stats()
+        assert (stats.accepted, stats.completed) == (3, 3)
