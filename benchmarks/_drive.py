@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from benchmarks._harness import Sample
 
@@ -166,17 +167,23 @@ async def pooled_capacity(
             done += 1
 
     async with anyio.create_task_group() as tg:
-        for _ in range(workers):
-            tg.start_soon(worker)
-        await anyio.lowlevel.checkpoint()
-        gc.collect()
-        gc.freeze()  # the setup's objects are long-lived: keep full collections off them
+        await start_pool(tg, worker, workers)
         with issue:
             start = time.perf_counter()
             deadline = start + duration
             while (now := time.perf_counter()) < deadline:
                 await issue.send(now)
     return done / (time.perf_counter() - start)
+
+
+async def start_pool(tg: TaskGroup, worker: Callable[[], Awaitable[None]], workers: int) -> None:
+    """Start ``workers`` copies of ``worker``, then freeze the heap: these long-lived tasks
+    would otherwise make every full collection a pause of tens of milliseconds."""
+    for _ in range(workers):
+        tg.start_soon(worker)
+    await anyio.lowlevel.checkpoint()
+    gc.collect()
+    gc.freeze()
 
 
 async def open_loop(
@@ -210,11 +217,7 @@ async def open_loop(
                 latencies.append(time.perf_counter() - at)
 
     async with anyio.create_task_group() as tg:
-        for _ in range(workers):
-            tg.start_soon(worker)
-        await anyio.lowlevel.checkpoint()
-        gc.collect()
-        gc.freeze()  # the setup's objects are long-lived: keep full collections off them
+        await start_pool(tg, worker, workers)
         with issue:
             start = time.perf_counter()
             done = 0
