@@ -278,3 +278,103 @@ async def test_payloads_at_under_and_over_the_limit(transport_url: str) -> None:
         assert await client.send("sink", {"type": "blob", "payload": "ok"}) == 2
         stats = node.stats()
         assert (stats.accepted, stats.completed) == (3, 3)
+
+
+@pytest.mark.anyio
+async def test_ten_times_queue_limit_senders_are_refused_counted_and_then_served(
+    transport_url: str,
+) -> None:
+    limit = 200
+    config = {"patterns": {"target": {"max_concurrent": 4, "queue_limit": limit,
+                                      "backpressure_threshold": 1.0}}}
+    async with make_system(transport_url, concurrency=config) as system:
+        node = system.create_node("target")
+        release = anyio.Event()
+
+        @node.on("job")
+        async def job(event: happen.Event, context: dict) -> int:
+            await release.wait()
+            return int(event.payload)
+
+        client = system.create_node("client")
+        outcomes = {"ok": 0, "full": 0}
+
+        async def one(i: int) -> None:
+            try:
+                await client.send("target", {"type": "job", "payload": i}, timeout=WAIT)
+                outcomes["ok"] += 1
+            except happen.QueueFullError:
+                outcomes["full"] += 1
+
+        tracemalloc.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(10 * limit):
+                    tg.start_soon(one, i)
+                await eventually(lambda: outcomes["full"] == 10 * limit - limit - 4)
+                peak_while_full = tracemalloc.get_traced_memory()[1]
+                release.set()
+        finally:
+            tracemalloc.stop()
+        assert outcomes == {"ok": limit + 4, "full": 10 * limit - limit - 4}
+        assert peak_while_full < 40 * 1024 * 1024, "memory stays bounded while refusing"
+        await drained(node)
+        stats = node.stats()
+        assert stats.accepted + stats.rejected == 10 * limit
+        assert (stats.accepted, stats.completed, stats.failed) == (limit + 4, limit + 4, 0)
+        # and it serves normally afterwards
+        node.on("ping", lambda e, c: "pong")
+        assert await client.send("target", {"type": "ping"}, timeout=WAIT) == "pong"
+
+
+@pytest.mark.anyio
+async def test_ten_thousand_streams_open_at_once_all_complete(transport_url: str) -> None:
+    count = 10_000
+    config = {"patterns": {"streams": {"max_concurrent": count, "queue_limit": 0}}}
+    async with make_system(transport_url, concurrency=config, stream_window=4) as system:
+        node = system.create_node("streams")
+        opened = 0
+        rss_all_open = 0
+        all_open = anyio.Event()
+
+        @node.on("three")
+        async def three(event: happen.Event, context: dict):  # type: ignore[no-untyped-def]
+            nonlocal opened, rss_all_open
+            opened += 1
+            if opened == count:
+                rss_all_open = _rss()
+                all_open.set()
+            await all_open.wait()  # every stream is open at the same time
+            for i in range(3):
+                yield i
+
+        client = system.create_node("client")
+        totals: list[int] = []
+
+        async def consume() -> None:
+            async with client.stream("streams", {"type": "three"}, timeout=60) as stream:
+                totals.append(sum([item async for item in stream]))
+
+        before = _rss()
+        with anyio.fail_after(90):
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(consume)
+        assert totals == [3] * count
+        growth = rss_all_open - before
+        print(f"RSS growth with {count} streams open: {growth // 2**20} MB")
+        # measured here: ~110-240 MB (about 11-24 KB an open stream, both ends included)
+        assert growth < 400 * 1024 * 1024, f"{growth} bytes more with every stream open"
+        await drained(node)
+        stats = node.stats()
+        assert stats.accepted == stats.completed == count and stats.rejected == 0
+        await eventually(lambda: not system._routes)
+
+
+def _rss() -> int:
+    """Resident memory of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
