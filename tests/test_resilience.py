@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -378,3 +382,66 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_worker_killed_mid_handler_fails_the_call_and_its_twin_serves(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.start().url
+    ns = unique_namespace()
+    script = str(Path(__file__).parent / "workers" / "serve.py")
+    workers: dict[int, anyio.abc.Process] = {}
+    try:
+        for _ in range(2):
+            process = await anyio.open_process([sys.executable, script, url, ns])
+            workers[process.pid] = process
+        async with happen.System(transport=url, namespace=ns) as system:
+            observer = system.create_node("observer")
+            started: list[int] = []
+            hung = anyio.Event()
+
+            @observer.on("started")
+            async def on_started(event: happen.Event, context: dict) -> None:
+                started.append(event.payload)
+                hung.set()
+
+            client = system.create_node("client")
+            seen: set[int] = set()
+            with anyio.fail_after(30):  # both workers up and serving (no sleeps: retry)
+                while seen != set(workers):
+                    try:
+                        seen.add(await client.send("worker", {"type": "who"}, timeout=2))
+                    except (happen.NodeNotFoundError, happen.SendTimeout):
+                        await anyio.sleep(0.05)
+
+            failure: list[BaseException] = []
+            elapsed: list[float] = []
+
+            async def doomed() -> None:
+                began = time.monotonic()
+                try:
+                    await client.send("worker", {"type": "hang"}, timeout=3)
+                except happen.HappenError as exc:
+                    failure.append(exc)
+                elapsed.append(time.monotonic() - began)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(doomed)
+                with anyio.fail_after(WAIT):
+                    await hung.wait()
+                victim = workers.pop(started[0])
+                victim.send_signal(signal.SIGKILL)
+                await victim.wait()
+            assert len(failure) == 1 and isinstance(failure[0], happen.SendTimeout)
+            assert elapsed[0] < 3 + 1, "failed within the caller's timeout"
+            survivor = next(iter(workers))
+            for _ in range(10):  # new requests go to the process still serving the node
+                assert await client.send("worker", {"type": "who"}, timeout=WAIT) == survivor
+    finally:
+        with anyio.CancelScope(shield=True):
+            for process in workers.values():
+                process.kill()
+                await process.wait()
