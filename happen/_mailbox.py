@@ -191,7 +191,6 @@ class Mailbox(Generic[Item]):
                 await self._serve(scope)
         finally:
             self._workers -= 1
-        self._free_slot()
         if self._ready and not self._waking:
             self._wake_one()
 
@@ -202,10 +201,12 @@ class Mailbox(Generic[Item]):
                 item = self._ready.popleft()
                 if self._ready and not self._waking:
                     self._wake_one()
-                await self._run(item, scope)
+                try:
+                    await self._run(item, scope)
+                finally:
+                    self._free_slot()  # however the item ended: done, abandoned, stopped
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
-                self._free_slot()
                 if self.owes_acks and self.queued < self._pressure_at:
                     self.owes_acks = False
                     await self._relieved()

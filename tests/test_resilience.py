@@ -445,3 +445,44 @@ async def test_a_worker_killed_mid_handler_fails_the_call_and_its_twin_serves(
             for process in workers.values():
                 process.kill()
                 await process.wait()
+
+
+@pytest.mark.anyio
+async def test_stop_under_load_answers_every_caller_and_counts_everything(
+    transport_url: str,
+) -> None:
+    config = {"patterns": {"busy": {"max_concurrent": 5, "queue_limit": 1000}}}
+    system = make_system(transport_url, concurrency=config)
+    outcomes: dict[str, int] = {}
+    async with system:
+        node = system.create_node("busy")
+
+        @node.on("job")
+        async def job(event: happen.Event, context: dict) -> int:
+            if event.payload % 3 == 0:
+                await anyio.sleep_forever()  # outlives the drain
+            await anyio.sleep(0.001 * (event.payload % 5))
+            return int(event.payload)
+
+        client = system.create_node("client")
+
+        async def one(i: int) -> None:
+            try:
+                await client.send("busy", {"type": "job", "payload": i})
+                key = "result"
+            except happen.HappenError as exc:
+                key = type(exc).__name__
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+            await eventually(lambda: node.stats().accepted == 200)
+            with anyio.fail_after(WAIT):  # nothing hangs
+                await system.stop(timeout=0.2)
+    assert sum(outcomes.values()) == 200, outcomes  # every caller got an answer
+    assert set(outcomes) <= {"result", "TransportError", "SystemStoppedError"}, outcomes
+    stats = node.stats()
+    assert stats.accepted == 200 and stats.active == 0 and stats.queued == 0
+    assert stats.completed + stats.failed == 200
+    assert stats.completed == outcomes.get("result", 0)
