@@ -486,3 +486,22 @@ async def test_stop_under_load_answers_every_caller_and_counts_everything(
     assert stats.accepted == 200 and stats.active == 0 and stats.queued == 0
     assert stats.completed + stats.failed == 200
     assert stats.completed == outcomes.get("result", 0)
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_server_with_a_token_refuses_strangers_and_serves_its_users() -> None:
+    from happen.transports.nats import NatsTransport
+
+    with NatsServer(extra_args=["--auth", "t0ken"]) as server:
+        ns = unique_namespace()
+        with pytest.raises(happen.TransportError, match=r"(?i)authorization"):
+            async with happen.System(transport=server.url, namespace=ns):
+                pass
+        async with happen.System(
+            transport=NatsTransport(server.url, token="t0ken"), namespace=ns
+        ) as system:
+            node = system.create_node("n")
+            node.on("x", lambda e, c: "in")
+            assert await system.create_node("c").send("n", {"type": "x"}) == "in"
