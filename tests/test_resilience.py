@@ -505,3 +505,66 @@ async def test_a_server_with_a_token_refuses_strangers_and_serves_its_users() ->
             node = system.create_node("n")
             node.on("x", lambda e, c: "in")
             assert await system.create_node("c").send("n", {"type": "x"}) == "in"
+
+
+PERMISSIONS = """
+authorization {
+  users = [
+    { user: "host-a", password: "pa",
+      permissions: {
+        subscribe: { allow: ["NS.node.X", "NS.cancel.X", "_INBOX.hostA.>"] }
+        publish:   { allow: ["NS.node.Z", "NS.cancel.Z", "_INBOX.>"] }
+      } }
+    { user: "host-z", password: "pz",
+      permissions: {
+        subscribe: { allow: ["NS.node.Z", "NS.cancel.Z", "_INBOX.hostZ.>"] }
+        publish:   { allow: ["NS.node.X", "NS.cancel.X", "_INBOX.>"] }
+      } }
+  ]
+}
+"""
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_per_subject_permissions_from_the_guide(tmp_path: Path) -> None:
+    """docs/permissions.md: each host serves only the node ids it is granted."""
+    from happen.transports.nats import NatsTransport
+
+    ns = unique_namespace()
+    config = tmp_path / "permissions.conf"
+    config.write_text(PERMISSIONS.replace("NS.", f"{ns}."))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+
+        def host(user: str, password: str, inbox: str) -> happen.System:
+            transport = NatsTransport(server.url, user=user, password=password,
+                                      inbox_prefix=inbox)
+            return happen.System(transport=transport, namespace=ns)
+
+        async with host("host-a", "pa", "_INBOX.hostA") as a, host(
+            "host-z", "pz", "_INBOX.hostZ"
+        ) as z:
+            x = a.create_node("X")
+            x.on("hello", lambda e, c: "from X")
+            z_node = z.create_node("Z")
+            z_node.on("hello", lambda e, c: "from Z")
+
+            async def call(system: happen.System, target: str) -> Any:
+                with anyio.fail_after(WAIT):
+                    while True:  # until the granted subscriptions are live
+                        try:
+                            return await system.create_node(f"c{time.monotonic_ns()}").send(
+                                target, {"type": "hello"}, timeout=2
+                            )
+                        except happen.NodeNotFoundError:
+                            await anyio.sleep(0.02)
+
+            assert await call(a, "Z") == "from Z"  # calls and streams work with the grants
+            assert await call(z, "X") == "from X"
+            # host-z is not granted X's subject: hosting X there reaches nobody
+            intruder = z.create_node("X")
+            intruder.on("hello", lambda e, c: "intruder")
+            for _ in range(20):
+                assert await call(z, "X") == "from X"
+            assert intruder.stats().accepted == 0
