@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 
 from happen import _protocol as p
 from happen._broadcast import BroadcastStream
-from happen._errors import CodecError, InvalidIdError, PayloadTooLargeError
+from happen._errors import CodecError, InvalidIdError
 from happen._events import Event, current_event
 from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
-from happen._producer import Producer, pump
+from happen._producer import produce
 from happen._stream import Stream
 from happen._transport import Message
 
@@ -301,7 +301,7 @@ class Node:
         if work.abandoned:  # the caller gave up while it waited in the queue
             self._mailbox.failed += 1
             self._inflight.pop(work.reply, None)
-            await self._reply(work, _abandoned(self.id))
+            await self._reply(work, p.abandoned(self.id))
             return
         work.scope = scope
         token = current_event.set(work.event)
@@ -337,21 +337,21 @@ class Node:
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):
                 await self._reply(
-                    work, _abandoned(self.id) if work.abandoned else _stopped(self.id)
+                    work, p.abandoned(self.id) if work.abandoned else p.stopped(self.id)
                 )
             raise
         except Exception as exc:
             mailbox.failed += 1
-            await self._reply(work, _handler_failure(exc))
+            await self._reply(work, p.handler_failure(exc))
             return
         if inspect.isasyncgen(result):
-            await self._produce(work, result)
+            await produce(self, work, result)
             return
         try:
             data = system._codec.encode(p.Result(result)) if work.reply else b""
         except CodecError as exc:
             mailbox.failed += 1
-            await self._reply(work, _handler_failure(exc))
+            await self._reply(work, p.handler_failure(exc))
             return
         mailbox.completed += 1
         if work.reply:
@@ -360,93 +360,3 @@ class Node:
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
             await self._system._reply(work.reply, frame)
-
-    async def _publish_items(self, reply: str, items: list[Any]) -> None:
-        """One frame for the batch; split in halves if it is over the transport's limit."""
-        frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
-        try:
-            await self._system._reply(reply, frame)
-        except PayloadTooLargeError:
-            if len(items) == 1:
-                raise
-            half = len(items) // 2
-            await self._publish_items(reply, items[:half])
-            await self._publish_items(reply, items[half:])
-
-    async def _produce(self, work: Work, agen: AsyncIterator[Any]) -> None:
-        """Stream ``agen``'s items to the caller, never more than the granted credit ahead."""
-        system = self._system
-        mailbox = self._mailbox
-        producer = Producer(work.window if work.reply else 1 << 62, system._signal)
-        control = system._register(producer) if work.reply else ""  # the inbox token
-        outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
-
-        async def publish(items: list[Any]) -> None:
-            if work.reply:
-                await self._publish_items(work.reply, items)
-
-        try:
-            if work.reply:
-                await system._reply(work.reply, p.StreamStart(system._inbox_prefix + control))
-            with anyio.CancelScope() as scope:
-                producer.scope = scope
-                if producer.cancelled:
-                    scope.cancel()
-                outcome = await pump(agen, producer, publish, system._idle_timeout)
-        except system._cancelled:
-            mailbox.failed += 1
-            with anyio.CancelScope(shield=True):
-                await _aclose(agen)
-                system._forget_token(control)
-                await self._reply(
-                    work, _abandoned(self.id) if work.abandoned else _stopped(self.id)
-                )
-            raise
-        except Exception as exc:
-            mailbox.failed += 1
-            with anyio.CancelScope(shield=True):
-                await _aclose(agen)
-                system._forget_token(control)
-                await self._reply(work, _handler_failure(exc))
-            return
-        with anyio.CancelScope(shield=True):
-            await _aclose(agen)
-            system._forget_token(control)
-        if outcome == "cancelled" and producer.lost:
-            mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
-            return
-        if outcome == "idle":
-            mailbox.failed += 1
-            message = (
-                f"stream from node {self.id!r} closed: the consumer read nothing "
-                f"for {system._idle_timeout} s"
-            )
-            await self._reply(work, p.Failure(p.TIMEOUT, message))
-            return
-        mailbox.completed += 1
-        if outcome == "end":
-            await self._reply(work, p.StreamEnd())
-
-
-async def _aclose(agen: AsyncIterator[Any]) -> None:
-    aclose = getattr(agen, "aclose", None)
-    if aclose is None:
-        return
-    try:
-        await aclose()
-    except Exception:
-        log.exception("closing a handler's async generator raised")
-
-
-def _abandoned(node_id: str) -> p.Failure:
-    # answered so the caller's system can forget the request (the caller is gone)
-    return p.Failure(p.TIMEOUT, f"node {node_id!r} cancelled the handler: the caller gave up")
-
-
-def _stopped(node_id: str) -> p.Failure:
-    return p.Failure(p.UNAVAILABLE, f"node {node_id!r} stopped")
-
-
-def _handler_failure(exc: BaseException) -> p.Failure:
-    message = str(exc).replace("\r", " ").replace("\n", " ")
-    return p.Failure(p.HANDLER_ERROR, message, type(exc).__name__)

@@ -8,16 +8,24 @@ a slow one has each item published as soon as it is yielded.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
 from happen import _protocol as p
+from happen._errors import PayloadTooLargeError
 from happen._signal import Signal
 
-__all__ = ["Producer", "pump"]
+if TYPE_CHECKING:
+    from happen._node import Node, Work
+    from happen._sending import Sending
+
+__all__ = ["Producer", "produce", "pump"]
+
+log = logging.getLogger("happen")
 
 #: Items a generator may yield in a row before the pump lets the publisher run.
 BATCH_LIMIT = 64
@@ -140,3 +148,80 @@ async def pump(
     if buffer.error is not None:
         raise buffer.error
     return buffer.outcome
+
+
+async def publish_items(system: Sending, reply: str, items: list[Any]) -> None:
+    """One frame for the batch; split in halves if it is over the transport's limit."""
+    frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
+    try:
+        await system._reply(reply, frame)
+    except PayloadTooLargeError:
+        if len(items) == 1:
+            raise
+        half = len(items) // 2
+        await publish_items(system, reply, items[:half])
+        await publish_items(system, reply, items[half:])
+
+
+async def produce(node: Node, work: Work, agen: AsyncIterator[Any]) -> None:
+    """Stream ``agen``'s items to the caller, never more than the granted credit ahead."""
+    system = node._system
+    mailbox = node._mailbox
+    producer = Producer(work.window if work.reply else 1 << 62, system._signal)
+    control = system._register(producer) if work.reply else ""  # the inbox token
+    outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
+
+    async def publish(items: list[Any]) -> None:
+        if work.reply:
+            await publish_items(system, work.reply, items)
+
+    try:
+        if work.reply:
+            await system._reply(work.reply, p.StreamStart(system._inbox_prefix + control))
+        with anyio.CancelScope() as scope:
+            producer.scope = scope
+            if producer.cancelled:
+                scope.cancel()
+            outcome = await pump(agen, producer, publish, system._idle_timeout)
+    except system._cancelled:
+        mailbox.failed += 1
+        with anyio.CancelScope(shield=True):
+            await aclose_quietly(agen)
+            system._forget_token(control)
+            await node._reply(work, p.abandoned(node.id) if work.abandoned else p.stopped(node.id))
+        raise
+    except Exception as exc:
+        mailbox.failed += 1
+        with anyio.CancelScope(shield=True):
+            await aclose_quietly(agen)
+            system._forget_token(control)
+            await node._reply(work, p.handler_failure(exc))
+        return
+    with anyio.CancelScope(shield=True):
+        await aclose_quietly(agen)
+        system._forget_token(control)
+    if outcome == "cancelled" and producer.lost:
+        mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
+        return
+    if outcome == "idle":
+        mailbox.failed += 1
+        message = (
+            f"stream from node {node.id!r} closed: the consumer read nothing "
+            f"for {system._idle_timeout} s"
+        )
+        await node._reply(work, p.Failure(p.TIMEOUT, message))
+        return
+    mailbox.completed += 1
+    if outcome == "end":
+        await node._reply(work, p.StreamEnd())
+
+
+async def aclose_quietly(agen: AsyncIterator[Any]) -> None:
+    """Close a handler's generator (its ``finally`` blocks run); log what closing raises."""
+    aclose = getattr(agen, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:
+        log.exception("closing a handler's async generator raised")

@@ -147,3 +147,18 @@ InboxFrame = (
     Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
 )
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
+
+
+def handler_failure(exc: BaseException) -> Failure:
+    """The failure a handler's exception becomes: its type and message, no traceback."""
+    message = str(exc).replace("\r", " ").replace("\n", " ")
+    return Failure(HANDLER_ERROR, message, type(exc).__name__)
+
+
+def abandoned(node_id: str) -> Failure:
+    """Answered to a caller that gave up, so its system can forget the request."""
+    return Failure(TIMEOUT, f"node {node_id!r} cancelled the handler: the caller gave up")
+
+
+def stopped(node_id: str) -> Failure:
+    return Failure(UNAVAILABLE, f"node {node_id!r} stopped")
