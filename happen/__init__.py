@@ -1,5 +1,6 @@
 """happen: streaming dataflow between nodes, in one process or across hosts over NATS."""
 
+from happen._calls import Stream
 from happen._config import ConcurrencySettings
 from happen._errors import (
     CodecError,
@@ -18,7 +19,6 @@ from happen._errors import (
 from happen._events import CausalContext, Event
 from happen._mailbox import NodeStats
 from happen._node import Node
-from happen._stream import Stream
 from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 

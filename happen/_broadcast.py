@@ -104,3 +104,28 @@ class BroadcastStream:
         if len(self._items) < self.limit:
             self._signal_room()
         return item
+
+
+class LocalBroadcastStreams:
+    """The streamed broadcasts this system's nodes are reading, by stream id.
+
+    A broadcaster in the same process waits for room in each of them before it publishes
+    the next item, so local subscribers are never overrun.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[str, list[BroadcastStream]] = {}
+
+    def add(self, stream: BroadcastStream) -> None:
+        self._streams.setdefault(stream.stream_id, []).append(stream)
+
+    def remove(self, stream: BroadcastStream) -> None:
+        local = self._streams.get(stream.stream_id)
+        if local is not None and stream in local:
+            local.remove(stream)
+            if not local:
+                del self._streams[stream.stream_id]
+
+    async def wait_room(self, stream_id: str) -> None:
+        for local in list(self._streams.get(stream_id, ())):
+            await local.wait_room()

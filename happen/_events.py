@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["CausalContext", "Event", "current_event"]
+__all__ = ["CausalContext", "Event", "current_event", "external_context", "new_context"]
 
 
 class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -65,6 +65,12 @@ class IdGenerator:
 
     def __call__(self) -> str:
         return f"{self._prefix}-{next(self._counter):x}"
+
+
+def external_context(ids: IdGenerator) -> CausalContext:
+    """The context of an event from a foreign client, which sent none."""
+    event_id = ids()
+    return CausalContext(event_id, "external", event_id, ("external",))
 
 
 def new_context(ids: IdGenerator, sender: str) -> CausalContext:

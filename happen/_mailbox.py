@@ -18,6 +18,14 @@ __all__ = ["Mailbox", "NodeStats"]
 Item = TypeVar("Item")
 
 
+async def _unbound(item: Any, scope: anyio.CancelScope) -> None:
+    raise RuntimeError("this mailbox serves nothing yet")
+
+
+async def _nothing() -> None:
+    pass
+
+
 class NodeStats(msgspec.Struct, frozen=True):
     """A snapshot of a node's flow control and counts.
 
@@ -51,9 +59,7 @@ class Mailbox(Generic[Item]):
     def __init__(
         self,
         settings: ConcurrencySettings,
-        run: Callable[[Item, anyio.CancelScope], Awaitable[None]],
         spawn: Callable[..., None],
-        relieved: Callable[[], Awaitable[None]],
         signal: Callable[[], Any] = anyio.Event,
     ) -> None:
         self._signal = signal
@@ -65,9 +71,9 @@ class Mailbox(Generic[Item]):
         self._fifo: deque[Item] = deque()
         self._heap: list[tuple[int, int, Item]] = []
         self._seq = itertools.count()
-        self._run = run
+        self._run: Callable[[Item, anyio.CancelScope], Awaitable[None]] = _unbound
         self._spawn = spawn
-        self._relieved = relieved
+        self._relieved: Callable[[], Awaitable[None]] = _nothing
         self._ready: deque[Item] = deque()  # admitted, holding a slot, waiting for a worker
         self._idle: list[Any] = []  # signals of idle workers
         self._workers = 0
@@ -83,6 +89,15 @@ class Mailbox(Generic[Item]):
         self.failed = 0
         self.rejected = 0
         self.dropped = 0
+
+    def serve(
+        self,
+        run: Callable[[Item, anyio.CancelScope], Awaitable[None]],
+        relieved: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Set what runs an admitted item, and what to call once pressure is relieved."""
+        self._run = run
+        self._relieved = relieved
 
     @property
     def under_pressure(self) -> bool:

@@ -1,29 +1,26 @@
-"""Nodes: handlers, sending, and the receiving side of the protocol."""
+"""Nodes: the public node API, and the receiving side: admitting, executing, replying."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 from collections.abc import AsyncIterable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 
-from happen import _protocol as p
-from happen._broadcast import BroadcastStream
+from happen import _wire as p
+from happen._broadcast import BroadcastStream, LocalBroadcastStreams
+from happen._calls import Caller, Stream
 from happen._errors import CodecError, InvalidIdError
-from happen._events import Event, current_event
+from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
 from happen._producer import produce
-from happen._stream import Stream
-from happen._transport import Message
-
-if TYPE_CHECKING:
-    from happen._config import ConcurrencySettings
-    from happen._system import System
+from happen._runtime import Runtime
+from happen._transport import Message, Subscription, Transport
 
 __all__ = ["Node"]
 
@@ -50,19 +47,40 @@ class Work:
 
 
 class Node:
-    """A named participant: registers handlers with ``on`` and sends events to other nodes."""
+    """A named participant: registers handlers with ``on`` and sends events to other nodes.
 
-    def __init__(self, system: System, node_id: str, settings: ConcurrencySettings) -> None:
+    Made by ``System.create_node``, which hands it its collaborators.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        mailbox: Mailbox[Any],
+        *,
+        system_id: str,
+        wire: p.Wire,
+        caller: Caller,
+        runtime: Runtime,
+        ids: IdGenerator,
+        broadcast_streams: LocalBroadcastStreams,
+        idle_timeout: float,
+    ) -> None:
         self.id = node_id
-        self._system = system
+        self._system_id = system_id
+        self._wire = wire
+        self._caller = caller
+        self._runtime = runtime
+        self._ids = ids
+        self._broadcast_streams = broadcast_streams
+        self._idle_timeout = idle_timeout
         self._handlers = HandlerTable()
-        self._mailbox: Mailbox[Work] = Mailbox(
-            settings, self._execute, system._spawn, self._send_owed_acks, system._new_signal
-        )
+        self._mailbox = mailbox
+        mailbox.serve(self._execute, self._send_owed_acks)
         self._owed_acks: list[str] = []
-        self._subscriptions: dict[str, Any] = {}  # broadcast subject suffix -> Subscription
-        self._direct: Any = None  # the point-to-point Subscription
-        self._cancels: Any = None  # the Subscription to abandon messages
+        self._subscriptions: dict[str, Subscription] = {}  # broadcast subject suffix -> sub
+        self._direct: Subscription | None = None  # the point-to-point subscription
+        self._cancels: Subscription | None = None  # the subscription to abandon frames
+        self._syncing = False
         self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
 
@@ -95,22 +113,26 @@ class Node:
         if handler is None:
 
             def decorator(fn: F) -> F:
-                self._register(Handler(compiled, fn))
+                self._add(Handler(compiled, fn))
                 return fn
 
             return decorator
         entry = Handler(compiled, handler)
-        self._register(entry)
+        self._add(entry)
 
         def unregister() -> None:
             if self._handlers.remove(entry):
-                self._system._sync_subscriptions(self)
+                self.sync_subscriptions()
 
         return unregister
 
-    def _register(self, handler: Handler) -> None:
+    def _add(self, handler: Handler) -> None:
         self._handlers.add(handler)
-        self._system._sync_subscriptions(self)
+        self.sync_subscriptions()
+
+    def hears(self, event_type: str) -> bool:
+        """Whether a handler of this node matches ``event_type``."""
+        return self._handlers.select(event_type) is not None
 
     # ----- sending ------------------------------------------------------------------
 
@@ -132,7 +154,7 @@ class Node:
         ``HandlerError`` (the handler raised), ``SendTimeout``, ``CodecError``,
         ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id or type.
         """
-        return await self._system._send(self, target, event, timeout, priority)
+        return await self._caller.send(self.id, target, event, timeout, priority)
 
     def stream(
         self,
@@ -148,7 +170,7 @@ class Node:
         is sent when the stream is entered or first iterated. A handler that returns a
         single value yields that one value. ``timeout`` bounds each wait for an item.
         """
-        return self._system._stream(self, target, event, timeout, priority)
+        return self._caller.stream(self.id, target, event, timeout, priority)
 
     async def broadcast(
         self, event: Event | dict[str, Any], *, stream: AsyncIterable[Any] | None = None
@@ -159,49 +181,121 @@ class Node:
         ``event.stream`` yields the items of ``stream`` as they are published. A copy that
         a node's full queue cannot take is counted in that node's ``dropped``.
         """
-        await self._system._broadcast(self, event, stream)
+        await self._caller.broadcast(self.id, event, stream)
 
     def stats(self) -> NodeStats:
         """A snapshot of this node's flow control and counts."""
         return self._mailbox.stats()
 
+    # ----- subscriptions ------------------------------------------------------------
+
+    def sync_subscriptions(self) -> None:
+        """Bring the subscriptions in line with the handlers, in the background."""
+        if self._runtime.running and not self._syncing:
+            self._syncing = True
+            self._runtime.sync_started()
+            self._runtime.spawn(self._sync_in_background)
+
+    async def _sync_in_background(self) -> None:
+        try:
+            if self._runtime.running and self._wire.transport is not None:
+                await self.subscribe(self._wire.transport)
+        except Exception as exc:
+            log.error("node %r could not subscribe: %s", self.id, exc)
+        finally:
+            self._syncing = False
+            self._runtime.sync_ended()
+
+    async def subscribe(self, transport: Transport) -> None:
+        """Subscribe to this node's subjects (and the broadcasts its handlers hear)."""
+        wire = self._wire
+        if self._direct is None:
+            self._cancels = await transport.subscribe(
+                wire.cancel_subject(self.id), self._on_abandon
+            )
+            self._direct = await transport.subscribe(
+                wire.node_subject(self.id), self._on_request, queue=self.id
+            )
+        wanted = self._handlers.subjects()
+        for suffix in wanted - self._subscriptions.keys():
+
+            async def callback(msg: Message, suffix: str = suffix) -> None:
+                await self._on_broadcast(msg, suffix)
+
+            self._subscriptions[suffix] = await transport.subscribe(
+                wire.broadcast_subject(suffix), callback
+            )
+        for suffix in self._subscriptions.keys() - wanted:
+            await self._subscriptions.pop(suffix).unsubscribe()
+
+    async def unsubscribe(self) -> None:
+        """Stop hearing anything (the system is stopping). Never raises."""
+        subs = [self._direct, *self._subscriptions.values(), self._cancels]
+        self._direct = self._cancels = None
+        self._subscriptions.clear()
+        for sub in subs:
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    log.debug("unsubscribe failed while stopping", exc_info=True)
+
+    def owns_subject(self, subject: str) -> bool:
+        """Whether one of this node's subscriptions is on ``subject``."""
+        wire = self._wire
+        if subject == wire.node_subject(self.id):
+            return True
+        return any(subject == wire.broadcast_subject(s) for s in self._subscriptions)
+
+    def count_dropped(self, count: int) -> None:
+        """The transport dropped ``count`` messages meant for this node."""
+        self._mailbox.dropped += count
+
+    async def fail_pending(self) -> None:
+        """The system stops: every admitted event not yet running fails with ``unavailable``."""
+        for work in self._mailbox.take_pending():
+            self._mailbox.failed += 1
+            self._inflight.pop(work.reply, None)
+            if work.reply:
+                await self._wire.reply(
+                    work.reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped")
+                )
+
     # ----- receiving ----------------------------------------------------------------
 
     async def _on_request(self, msg: Message) -> None:
-        system = self._system
+        wire = self._wire
         mailbox = self._mailbox
         reply = msg.reply
         try:
-            req = system._request_decoder.decode(msg.data)
+            req = wire.request_decoder.decode(msg.data)
             validate_event_type(req.type)
         except (CodecError, InvalidIdError) as exc:
             mailbox.rejected += 1
-            system._report_bad_input(f"node {self.id!r}", exc)
-            system._arrived(reply)
+            wire.report_bad_input(f"node {self.id!r}", exc)
+            self._caller.arrived(reply)
             if reply:
-                await system._reply(reply, p.Failure(p.BAD_REQUEST, str(exc)))
+                await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
             return
-        if req.origin == system.id:
-            system._arrived(reply)
-        if not system._accepting:
+        if req.origin == self._system_id:
+            self._caller.arrived(reply)
+        if not self._runtime.accepting:
             mailbox.rejected += 1
             if reply:
-                await system._reply(
-                    reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping")
-                )
+                await wire.reply(reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
             return
         handler = self._handlers.select(req.type)
         if handler is None:
             mailbox.rejected += 1
             if reply:
                 message = f"node {self.id!r} has no handler for event type {req.type!r}"
-                await system._reply(reply, p.Failure(p.NO_HANDLER, message))
+                await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
             return
-        context = req.context or system._external_context()
+        context = req.context or external_context(self._ids)
         deadline = None
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
-        window = req.window if req.window > 0 else system._window
+        window = req.window if req.window > 0 else self._caller.window
         work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
         if reply:
             self._inflight[reply] = work
@@ -211,25 +305,25 @@ class Node:
             mailbox.rejected += 1
             if reply:
                 message = f"node {self.id!r} queue is full ({mailbox.queued} queued)"
-                await system._reply(reply, p.Failure(p.QUEUE_FULL, message))
+                await wire.reply(reply, p.Failure(p.QUEUE_FULL, message))
             return
-        if reply and req.origin != system.id and mailbox.under_pressure:
+        if reply and req.origin != self._system_id and mailbox.under_pressure:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
-            await system._reply(reply, p.Hold())
+            await wire.reply(reply, p.Hold())
         elif req.probe and reply:
-            await system._reply(reply, p.Ack())
+            await wire.reply(reply, p.Ack())
 
     async def _on_abandon(self, msg: Message) -> None:
-        system = self._system
+        wire = self._wire
         try:
-            frame = system._abandon_decoder.decode(msg.data)
+            frame = wire.abandon_decoder.decode(msg.data)
         except CodecError as exc:
-            system._report_bad_input(f"node {self.id!r} cancel", exc)
+            wire.report_bad_input(f"node {self.id!r} cancel", exc)
             return
         work = self._inflight.get(frame.reply)
         if work is None:
-            system.stray_frames += 1  # finished already, or another instance has it
+            wire.stray_frames += 1  # finished already, or another instance has it
             return
         work.abandoned = True
         if work.scope is not None:
@@ -238,14 +332,14 @@ class Node:
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
         for reply in owed:
-            await self._system._reply(reply, p.Ack())
+            await self._wire.reply(reply, p.Ack())
 
     async def _on_broadcast(self, msg: Message, subject: str) -> None:
-        system = self._system
+        wire = self._wire
         try:
-            frame = system._broadcast_decoder.decode(msg.data)
+            frame = wire.broadcast_decoder.decode(msg.data)
         except CodecError as exc:
-            system._report_bad_input(f"node {self.id!r} broadcast", exc)
+            wire.report_bad_input(f"node {self.id!r} broadcast", exc)
             return
         if type(frame) is p.Broadcast:
             self._admit_broadcast(frame, subject)
@@ -260,25 +354,24 @@ class Node:
             entry[0].end(frame.error)
 
     def _admit_broadcast(self, frame: p.Broadcast, subject: str) -> None:
-        system = self._system
         try:
             validate_event_type(frame.type)
         except InvalidIdError as exc:
-            system._report_bad_input(f"node {self.id!r} broadcast", exc)
+            self._wire.report_bad_input(f"node {self.id!r} broadcast", exc)
             return
         handler = self._handlers.select(frame.type)
         if handler is None or handler.pattern.subject != subject:
             return  # not ours, or another of our subscriptions delivers it
         mailbox = self._mailbox
-        if not system._accepting:
+        if not self._runtime.accepting:
             mailbox.dropped += 1
             return
         bstream = None
         if frame.stream is not None:
-            bstream = BroadcastStream(self.id, frame.stream, system._window * 16)
+            bstream = BroadcastStream(self.id, frame.stream, self._caller.window * 16)
             self._bstreams[frame.stream] = (bstream, subject)
-            system._local_bstreams.setdefault(frame.stream, []).append(bstream)
-        context = frame.context or system._external_context()
+            self._broadcast_streams.add(bstream)
+        context = frame.context or external_context(self._ids)
         event = Event(frame.type, frame.payload, context, bstream)
         if not mailbox.offer(Work(event, handler, "", 0, None)):
             mailbox.dropped += 1
@@ -289,11 +382,7 @@ class Node:
     def _drop_bstream(self, stream_id: str) -> None:
         entry = self._bstreams.pop(stream_id, None)
         if entry is not None:
-            local = self._system._local_bstreams.get(stream_id)
-            if local is not None:
-                local.remove(entry[0])
-                if not local:
-                    del self._system._local_bstreams[stream_id]
+            self._broadcast_streams.remove(entry[0])
 
     # ----- execution ----------------------------------------------------------------
 
@@ -318,22 +407,24 @@ class Node:
                 bstream.close()
 
     async def _run_handler(self, work: Work) -> None:
-        system = self._system
+        runtime = self._runtime
         mailbox = self._mailbox
         handler = work.handler
         event = work.event
+        limiter = runtime.limiter
+        assert limiter is not None
         try:
             if work.deadline is None:
-                result = await invoke(handler.fn, handler.kind, event, {}, system._limiter)
+                result = await invoke(handler.fn, handler.kind, event, {}, limiter)
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
-                    result = await invoke(handler.fn, handler.kind, event, {}, system._limiter)
+                    result = await invoke(handler.fn, handler.kind, event, {}, limiter)
                 if scope.cancelled_caught:
                     mailbox.failed += 1
                     message = f"handler for {event.type!r} on node {self.id!r} timed out"
                     await self._reply(work, p.Failure(p.TIMEOUT, message))
                     return
-        except system._cancelled:
+        except runtime.cancelled:
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):
                 await self._reply(
@@ -345,18 +436,21 @@ class Node:
             await self._reply(work, p.handler_failure(exc))
             return
         if inspect.isasyncgen(result):
-            await produce(self, work, result)
+            await produce(
+                work,
+                result,
+                node_id=self.id,
+                wire=self._wire,
+                runtime=runtime,
+                mailbox=mailbox,
+                idle_timeout=self._idle_timeout,
+            )
             return
-        try:
-            data = system._codec.encode(p.Result(result)) if work.reply else b""
-        except CodecError as exc:
+        if work.reply and not await self._wire.reply(work.reply, p.Result(result)):
             mailbox.failed += 1
-            await self._reply(work, p.handler_failure(exc))
             return
         mailbox.completed += 1
-        if work.reply:
-            await system._publish_reply(work.reply, data)
 
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
-            await self._system._reply(work.reply, frame)
+            await self._wire.reply(work.reply, frame)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
-from happen import _protocol as p
+from happen import _wire as p
 from happen._errors import PayloadTooLargeError
+from happen._mailbox import Mailbox
+from happen._runtime import Runtime
 from happen._signal import Signal
-
-if TYPE_CHECKING:
-    from happen._node import Node, Work
-    from happen._sending import Sending
 
 __all__ = ["Producer", "produce", "pump"]
 
@@ -34,10 +32,11 @@ BATCH_LIMIT = 64
 class Producer:
     """Credit from the consumer, and its cancel; fed by the system's inbox callback."""
 
-    __slots__ = ("_signal", "_wake", "abandoned", "cancelled", "credit", "lost", "scope")
+    __slots__ = ("_wake", "abandoned", "cancelled", "credit", "lost", "scope", "signal", "target")
 
     def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
-        self._signal = signal
+        self.signal = signal
+        self.target = ""  # the route protocol's field; a producer has no target node
         self.credit = credit
         self.cancelled = False
         self.lost = False  # cut off by the transport, not cancelled by the consumer
@@ -64,7 +63,7 @@ class Producer:
 
     async def wait_credit(self) -> None:
         while self.credit <= 0:
-            self._wake = self._signal()
+            self._wake = self.signal()
             await self._wake.wait()
             self._wake = None
 
@@ -102,7 +101,7 @@ async def pump(
     credit for ``idle_timeout`` seconds; raises what the generator raised, after publishing
     the items it yielded before.
     """
-    buffer = _Buffer(producer._signal)
+    buffer = _Buffer(producer.signal)
 
     async def generate() -> None:
         in_a_row = 0
@@ -150,70 +149,100 @@ async def pump(
     return buffer.outcome
 
 
-async def publish_items(system: Sending, reply: str, items: list[Any]) -> None:
+class Conversation(Protocol):
+    """The request a streamed reply answers."""
+
+    reply: str  # the caller's inbox; "" for a broadcast (nobody to reply to)
+    window: int  # the credit the caller granted up front
+    abandoned: bool  # the caller gave up
+
+
+async def publish_items(wire: p.Wire, reply: str, items: list[Any]) -> None:
     """One frame for the batch; split in halves if it is over the transport's limit."""
     frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
     try:
-        await system._reply(reply, frame)
+        await wire.publish(reply, frame)
     except PayloadTooLargeError:
         if len(items) == 1:
             raise
         half = len(items) // 2
-        await publish_items(system, reply, items[:half])
-        await publish_items(system, reply, items[half:])
+        await publish_items(wire, reply, items[:half])
+        await publish_items(wire, reply, items[half:])
 
 
-async def produce(node: Node, work: Work, agen: AsyncIterator[Any]) -> None:
-    """Stream ``agen``'s items to the caller, never more than the granted credit ahead."""
-    system = node._system
-    mailbox = node._mailbox
-    producer = Producer(work.window if work.reply else 1 << 62, system._signal)
-    control = system._register(producer) if work.reply else ""  # the inbox token
+async def produce(
+    conversation: Conversation,
+    agen: AsyncIterator[Any],
+    *,
+    node_id: str,
+    wire: p.Wire,
+    runtime: Runtime,
+    mailbox: Mailbox[Any],
+    idle_timeout: float,
+) -> None:
+    """Stream ``agen``'s items to the caller, never more than the granted credit ahead.
+
+    Counts the outcome on ``mailbox``: completed, or failed (the generator raised, the
+    consumer vanished or read nothing for ``idle_timeout``, the system stopped).
+    """
+    reply = conversation.reply
+    producer = Producer(conversation.window if reply else 1 << 62, runtime.signal)
+    control = wire.register(producer) if reply else ""  # the inbox token
     outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
 
     async def publish(items: list[Any]) -> None:
-        if work.reply:
-            await publish_items(system, work.reply, items)
+        if reply:
+            await publish_items(wire, reply, items)
+
+    async def answer(frame: Any) -> None:
+        if reply:
+            await wire.reply(reply, frame)
 
     try:
-        if work.reply:
-            await system._reply(work.reply, p.StreamStart(system._inbox_prefix + control))
+        if reply and not await wire.reply(reply, p.StreamStart(wire.inbox_prefix + control)):
+            raise p.ReplyLost(f"could not start a stream to {reply}")
         with anyio.CancelScope() as scope:
             producer.scope = scope
             if producer.cancelled:
                 scope.cancel()
-            outcome = await pump(agen, producer, publish, system._idle_timeout)
-    except system._cancelled:
+            outcome = await pump(agen, producer, publish, idle_timeout)
+    except runtime.cancelled:
         mailbox.failed += 1
         with anyio.CancelScope(shield=True):
             await aclose_quietly(agen)
-            system._forget_token(control)
-            await node._reply(work, p.abandoned(node.id) if work.abandoned else p.stopped(node.id))
+            wire.forget(control)
+            await answer(p.abandoned(node_id) if conversation.abandoned else p.stopped(node_id))
         raise
+    except p.ReplyLost:
+        mailbox.failed += 1
+        with anyio.CancelScope(shield=True):
+            await aclose_quietly(agen)
+            wire.forget(control)
+        return
     except Exception as exc:
         mailbox.failed += 1
         with anyio.CancelScope(shield=True):
             await aclose_quietly(agen)
-            system._forget_token(control)
-            await node._reply(work, p.handler_failure(exc))
+            wire.forget(control)
+            await answer(p.handler_failure(exc))
         return
     with anyio.CancelScope(shield=True):
         await aclose_quietly(agen)
-        system._forget_token(control)
+        wire.forget(control)
     if outcome == "cancelled" and producer.lost:
         mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
         return
     if outcome == "idle":
         mailbox.failed += 1
         message = (
-            f"stream from node {node.id!r} closed: the consumer read nothing "
-            f"for {system._idle_timeout} s"
+            f"stream from node {node_id!r} closed: the consumer read nothing for {idle_timeout} s"
         )
-        await node._reply(work, p.Failure(p.TIMEOUT, message))
+        await answer(p.Failure(p.TIMEOUT, message))
+        return
+    if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd()):
+        mailbox.failed += 1
         return
     mailbox.completed += 1
-    if outcome == "end":
-        await node._reply(work, p.StreamEnd())
 
 
 async def aclose_quietly(agen: AsyncIterator[Any]) -> None:

@@ -1,21 +1,20 @@
-"""The system: owns the transport, the nodes, the task group and the inbox routing."""
+"""The system: lifecycle only. It owns the configuration, resolves the transport, runs the
+task group, starts and stops the nodes in order, and keeps the node registry."""
 
 from __future__ import annotations
 
 import importlib
-import itertools
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup
 
-from happen import _protocol as p
-from happen._broadcast import BroadcastStream
-from happen._codec import Decoder, make_codec
+from happen._broadcast import LocalBroadcastStreams
+from happen._calls import Caller
+from happen._codec import make_codec
 from happen._config import ConcurrencyConfig, ConcurrencySettings
 from happen._errors import (
     InvalidConfigError,
@@ -25,13 +24,11 @@ from happen._errors import (
 )
 from happen._events import IdGenerator
 from happen._ids import validate_node_id
-from happen._mailbox import NodeStats
+from happen._mailbox import Mailbox, NodeStats
 from happen._node import Node
-from happen._pressure import RemoteGate
-from happen._sending import Sending
-from happen._signal import Signal, signal_factory
-from happen._stream import Call
-from happen._transport import Message, Transport
+from happen._runtime import Runtime
+from happen._transport import Transport
+from happen._wire import Wire
 
 __all__ = ["System"]
 
@@ -44,7 +41,7 @@ def _positive(name: str, value: object, kind: type) -> Any:
     return value
 
 
-class System(Sending):
+class System:
     """A set of nodes sharing a transport: ``async with happen.System(...) as system``.
 
     Keyword arguments:
@@ -101,36 +98,36 @@ class System(Sending):
         self.namespace = namespace
         self.id = os.urandom(8).hex()
         self._ids = IdGenerator()
-        self._tokens = itertools.count(1)
         self._nodes: dict[str, Node] = {}
-        self._routes: dict[str, Any] = {}  # inbox token -> Call | Producer
-        self._gates: dict[str, RemoteGate] = {}
-        self._local_bstreams: dict[str, list[BroadcastStream]] = {}
-        self._dirty: set[Node] = set()
-        self._syncing = False
-        self._settled: anyio.Event | None = None
-        self._tg: TaskGroup | None = None
-        self._task_scopes: set[anyio.CancelScope] = set()
-        self._tasks_done: anyio.Event | None = None
-        self._cancelling = False
-        self._answered: anyio.Event | None = None
+        self._mailboxes: dict[str, Mailbox[Any]] = {}
+        self._runtime = Runtime(worker_threads=self._threads)
+        self._wire = Wire(self._codec, namespace)
+        self._broadcast_streams = LocalBroadcastStreams()
+        self._caller = Caller(
+            wire=self._wire,
+            runtime=self._runtime,
+            ids=self._ids,
+            system_id=self.id,
+            window=self._window,
+            local_mailbox=self._local_mailbox,
+            local_listeners=self._local_listeners,
+            broadcast_streams=self._broadcast_streams,
+        )
         self._context_managed = False
-        self._state = "new"
-        self._accepting = False
-        self._inbox_prefix = ""
-        self._bad_input_logged: set[str] = set()
-        self.bad_inputs = 0  # malformed frames received by this system, all nodes together
-        self.stray_frames = 0  # well-formed frames for a request or stream no longer here
-        self._request_decoder = self._codec.decoder(p.Request)
-        self._inbox_decoder: Decoder[Any] = self._codec.decoder(p.InboxFrame)  # type: ignore[arg-type]
-        self._abandon_decoder = self._codec.decoder(p.Abandon)
-        self._broadcast_decoder: Decoder[Any] = self._codec.decoder(p.BroadcastFrame)  # type: ignore[arg-type]
-        self._cancelled: type[BaseException] = BaseException
-        self._signal: Callable[[], Signal] = anyio.Event
-        self._limiter: anyio.CapacityLimiter = None  # type: ignore[assignment]
+        self._stopped: anyio.Event | None = None
 
     def __repr__(self) -> str:
-        return f"<happen.System {self.namespace!r} {self._state}>"
+        return f"<happen.System {self.namespace!r} {self._runtime.state}>"
+
+    @property
+    def bad_inputs(self) -> int:
+        """Malformed frames this system received (all nodes together), refused and counted."""
+        return self._wire.bad_inputs
+
+    @property
+    def stray_frames(self) -> int:
+        """Well-formed frames for a call or stream no longer here (late answers), counted."""
+        return self._wire.stray_frames
 
     # ----- lifecycle ----------------------------------------------------------------
 
@@ -149,32 +146,36 @@ class System(Sending):
         await self._close_task_group()
 
     async def start(self) -> None:
-        """Connect the transport and subscribe every node. Raises ``TransportError``."""
-        if self._state != "new":
-            raise SystemStoppedError(f"a system starts once; this one is {self._state}")
+        """Connect the transport and subscribe every node.
+
+        Raises ``TransportError`` when the transport cannot start, and ``RuntimeError`` when
+        the system was started before.
+        """
+        runtime = self._runtime
+        if runtime.state != "new":
+            raise RuntimeError(f"a system starts once; this one is {runtime.state}")
         transport = self._resolve_transport(self._transport_spec)
-        self._cancelled = anyio.get_cancelled_exc_class()
-        self._signal = signal_factory()
-        self._limiter = anyio.CapacityLimiter(self._threads)
+        runtime.state = "starting"
+        self._stopped = anyio.Event()
         tg = anyio.create_task_group()
         await tg.__aenter__()
-        self._tg = tg
+        runtime.bind(tg)
         try:
-            transport.set_listener(self)
+            transport.set_listener(_ConnectionEvents(self._wire, self._nodes))
             await transport.start()
             self._transport = transport
-            inbox = transport.new_inbox()
-            self._inbox_prefix = inbox + "."
-            await transport.subscribe(inbox + ".*", self._on_inbox)
-            self._state = "running"
-            self._accepting = True
-            for node in self._nodes.values():
-                await self._subscribe_node(node)
+            await self._wire.attach(transport)
+            runtime.state = "running"
+            runtime.accepting = True
+            for node in list(self._nodes.values()):
+                await node.subscribe(transport)
         except BaseException:
-            self._state = "stopped"
+            runtime.state = "stopped"
+            runtime.accepting = False
+            self._stopped.set()
             with anyio.CancelScope(shield=True):
-                await self._cancel_tasks()
-            self._tg = None
+                await runtime.cancel_tasks()
+            runtime.unbind()
             await tg.__aexit__(None, None, None)
             with anyio.CancelScope(shield=True):
                 try:
@@ -183,75 +184,83 @@ class System(Sending):
                     log.debug("stopping the transport after a failed start", exc_info=True)
             raise
 
+    async def ready(self) -> None:
+        """Return once every node and handler registered so far is reachable from other
+        hosts: its subscriptions are live on the server."""
+        runtime = self._runtime
+        if runtime.state != "running":
+            raise SystemStoppedError(f"the system is {runtime.state}, not running")
+        await runtime.settled()
+        await self._caller.round_trip()
+
+    async def idle(self) -> None:
+        """Return once no node of this system runs or queues an event and no call or stream
+        of this system is open. Bound it with ``anyio.fail_after`` when it may never be."""
+        while True:
+            for mailbox in list(self._mailboxes.values()):
+                await mailbox.wait_drained()
+            if not self._wire.routes and all(
+                not mailbox.active and not mailbox.queued for mailbox in self._mailboxes.values()
+            ):
+                return
+            await anyio.sleep(0.005)
+
     async def stop(self, timeout: float | None = None) -> None:
         """Stop: refuse new events, let in-flight handlers finish, then cancel the rest.
 
         Handlers get ``timeout`` seconds (default: the ``drain_timeout`` setting) to finish;
         queued events still waiting then fail with ``unavailable``, running handlers are
         cancelled, and every open stream and pending call of this system fails.
+
+        A second call returns once the system has stopped. Called from inside one of this
+        system's handlers, it starts stopping and returns at once, so that the handler can
+        finish within the drain.
         """
-        if self._state != "running":
+        runtime = self._runtime
+        stopped = self._stopped
+        if runtime.state in ("new",) or stopped is None:
             return
-        self._state = "stopping"
-        self._accepting = False
-        tg = self._tg
-        assert tg is not None and self._transport is not None
-        with anyio.CancelScope(shield=True):
-            for node in self._nodes.values():
-                await self._unsubscribe_node(node)
-            with anyio.move_on_after(self._drain_timeout if timeout is None else timeout):
-                for node in self._nodes.values():
-                    await node._mailbox.wait_drained()
-            for node in self._nodes.values():
-                for work in node._mailbox.take_pending():
-                    node._mailbox.failed += 1
-                    node._inflight.pop(work.reply, None)
-                    if work.reply:
-                        await self._reply(
-                            work.reply, p.Failure(p.UNAVAILABLE, f"node {node.id!r} stopped")
-                        )
-            await self._cancel_tasks()
-            # Replies our own nodes published to our own callers may still be in flight.
-            with anyio.move_on_after(2.0):
-                while self._awaiting_local_replies():
-                    self._answered = anyio.Event()
-                    await self._answered.wait()
-        self._fail_routes(SystemStoppedError("the system stopped"))
-        self._state = "stopped"
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._transport.stop()
-            except Exception:
-                log.warning("the transport failed to stop cleanly", exc_info=True)
+        if runtime.state != "running":
+            await stopped.wait()
+            if not self._context_managed and not runtime.inside_task():
+                await self._close_task_group()
+            return
+        runtime.state = "stopping"
+        runtime.accepting = False
+        if runtime.inside_task():
+            runtime.start_outside(self._stop, timeout)
+            return
+        await self._stop(timeout)
         if not self._context_managed:
             await self._close_task_group()
 
-    def _awaiting_local_replies(self) -> bool:
-        return any(
-            type(route) is Call
-            and route.waiting
-            and not route.abandoned
-            and route.target in self._nodes
-            for route in self._routes.values()
-        )
-
-    def _on_answered(self) -> None:
-        if self._answered is not None:
-            event, self._answered = self._answered, None
-            event.set()
-
-    async def _cancel_tasks(self) -> None:
-        """Cancel every task the system spawned and wait until they have all ended."""
-        self._cancelling = True
-        while self._task_scopes:
-            for scope in list(self._task_scopes):
-                scope.cancel()
-            if self._tasks_done is None:
-                self._tasks_done = anyio.Event()
-            await self._tasks_done.wait()
+    async def _stop(self, timeout: float | None) -> None:
+        runtime = self._runtime
+        transport = self._transport
+        assert transport is not None and self._stopped is not None
+        nodes = list(self._nodes.values())
+        with anyio.CancelScope(shield=True):
+            for node in nodes:
+                await node.unsubscribe()
+            with anyio.move_on_after(self._drain_timeout if timeout is None else timeout):
+                for mailbox in list(self._mailboxes.values()):
+                    await mailbox.wait_drained()
+            for node in nodes:
+                await node.fail_pending()
+            await runtime.cancel_tasks()
+            # Replies our own nodes published to our own callers may still be in flight.
+            with anyio.move_on_after(2.0):
+                await self._caller.wait_answers(self._nodes)
+            self._wire.fail_routes(SystemStoppedError("the system stopped"))
+            runtime.state = "stopped"
+            try:
+                await transport.stop()
+            except Exception:
+                log.warning("the transport failed to stop cleanly", exc_info=True)
+            self._stopped.set()
 
     async def _close_task_group(self) -> None:
-        tg, self._tg = self._tg, None
+        tg = self._runtime.unbind()
         if tg is not None:
             await tg.__aexit__(None, None, None)
 
@@ -279,11 +288,25 @@ class System(Sending):
         validate_node_id(node_id)
         if node_id in self._nodes:
             raise InvalidIdError(f"node {node_id!r} already exists in this system")
-        if self._state in ("stopping", "stopped"):
+        if self._runtime.state in ("stopping", "stopped"):
             raise SystemStoppedError(f"cannot create node {node_id!r}: the system is stopped")
-        node = Node(self, node_id, self._config.resolve(node_id))
+        mailbox: Mailbox[Any] = Mailbox(
+            self._config.resolve(node_id), self._runtime.spawn, self._runtime.new_signal
+        )
+        node = Node(
+            node_id,
+            mailbox,
+            system_id=self.id,
+            wire=self._wire,
+            caller=self._caller,
+            runtime=self._runtime,
+            ids=self._ids,
+            broadcast_streams=self._broadcast_streams,
+            idle_timeout=self._idle_timeout,
+        )
         self._nodes[node_id] = node
-        self._sync_subscriptions(node)
+        self._mailboxes[node_id] = mailbox
+        node.sync_subscriptions()
         return node
 
     def concurrency_for(self, node_id: str) -> ConcurrencySettings:
@@ -294,112 +317,39 @@ class System(Sending):
         """A snapshot of every node's stats, by node id."""
         return {node_id: node.stats() for node_id, node in self._nodes.items()}
 
-    def _new_signal(self) -> Signal:
-        return self._signal()
+    def _local_mailbox(self, node_id: str) -> Mailbox[Any] | None:
+        return self._mailboxes.get(node_id)
 
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        assert self._tg is not None
-        self._tg.start_soon(self._run_task, fn, args)
+    def _local_listeners(self, event_type: str) -> list[Mailbox[Any]]:
+        return [
+            self._mailboxes[node_id]
+            for node_id, node in self._nodes.items()
+            if node.hears(event_type)
+        ]
 
-    async def _run_task(self, fn: Any, args: tuple[Any, ...]) -> None:
-        # Each task runs in its own scope, so stop() can cancel the system's tasks without
-        # cancelling the code that entered the system's task group.
-        scope = anyio.CancelScope()
-        self._task_scopes.add(scope)
-        if self._cancelling:
-            scope.cancel()
-        try:
-            with scope:
-                await fn(*args)
-        finally:
-            self._task_scopes.discard(scope)
-            if not self._task_scopes and self._tasks_done is not None:
-                event, self._tasks_done = self._tasks_done, None
-                event.set()
 
-    def _sync_subscriptions(self, node: Node) -> None:
-        """Bring the node's subscriptions in line with its handlers, in the background."""
-        self._dirty.add(node)
-        if self._state == "running" and not self._syncing:
-            self._syncing = True
-            self._spawn(self._sync_dirty)
+class _ConnectionEvents:
+    """What the transport reports about its connection, applied to the system's wire and
+    nodes (the transport's listener)."""
 
-    async def _sync_dirty(self) -> None:
-        try:
-            while self._dirty and self._state == "running":
-                await self._subscribe_node(self._dirty.pop())
-        finally:
-            self._syncing = False
-            if self._settled is not None:
-                event, self._settled = self._settled, None
-                event.set()
-
-    async def _settle(self) -> None:
-        """Wait until every handler registered so far is subscribed."""
-        while self._syncing:
-            if self._settled is None:
-                self._settled = anyio.Event()
-            await self._settled.wait()
-
-    async def _subscribe_node(self, node: Node) -> None:
-        self._dirty.discard(node)
-        transport = self._transport
-        assert transport is not None
-        if node._direct is None:
-            node._cancels = await transport.subscribe(
-                f"{self.namespace}.cancel.{node.id}", node._on_abandon
-            )
-            node._direct = await transport.subscribe(
-                f"{self.namespace}.node.{node.id}", node._on_request, queue=node.id
-            )
-        wanted = node._handlers.subjects()
-        for subject in wanted - node._subscriptions.keys():
-
-            async def callback(msg: Message, subject: str = subject) -> None:
-                await node._on_broadcast(msg, subject)
-
-            node._subscriptions[subject] = await transport.subscribe(
-                f"{self.namespace}.bcast.{subject}", callback
-            )
-        for subject in node._subscriptions.keys() - wanted:
-            await node._subscriptions.pop(subject).unsubscribe()
-
-    async def _unsubscribe_node(self, node: Node) -> None:
-        subs = [node._direct, *node._subscriptions.values(), node._cancels]
-        node._direct = node._cancels = None
-        node._subscriptions.clear()
-        for sub in subs:
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    log.debug("unsubscribe failed while stopping", exc_info=True)
-
-    # ----- TransportListener --------------------------------------------------------
+    def __init__(self, wire: Wire, nodes: Mapping[str, Node]) -> None:
+        self._wire = wire
+        self._nodes = nodes
 
     def on_disconnected(self) -> None:
-        self._fail_routes(TransportError("the connection to the transport was lost"))
+        self._wire.fail_routes(TransportError("the connection to the transport was lost"))
 
     def on_reconnected(self) -> None:
         log.info("transport reconnected")
 
     def on_closed(self, error: BaseException | None) -> None:
-        if self._state == "running":
+        if error is not None or self._wire.routes:
             reason = f": {error}" if error else ""
-            self._fail_routes(TransportError(f"the transport closed{reason}"))
+            self._wire.fail_routes(TransportError(f"the transport closed{reason}"))
 
     def on_dropped(self, subject: str, count: int) -> None:
-        prefix = f"{self.namespace}.node."
-        if subject.startswith(prefix):
-            node = self._nodes.get(subject[len(prefix) :])
-            if node is not None:
-                node._mailbox.dropped += count
+        for node in self._nodes.values():
+            if node.owns_subject(subject):
+                node.count_dropped(count)
                 return
-        bcast = f"{self.namespace}.bcast."
-        if subject.startswith(bcast):
-            suffix = subject[len(bcast) :]
-            for node in self._nodes.values():
-                if suffix in node._subscriptions:
-                    node._mailbox.dropped += count
-                    return
         log.warning("the transport dropped %d message(s) on %s", count, subject)

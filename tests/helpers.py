@@ -33,10 +33,12 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
 
 
 async def drained(*nodes: happen.Node, timeout: float = 5.0) -> None:
-    """Wait until the nodes run nothing and queue nothing."""
-    with anyio.fail_after(timeout):
-        for node in nodes:
-            await node._mailbox.wait_drained()
+    """Wait until the nodes run nothing and queue nothing (as their stats say)."""
+
+    def idle() -> bool:
+        return all(not s.active and not s.queued for s in (n.stats() for n in nodes))
+
+    await eventually(idle, timeout)
 
 
 def assert_accounted(node: happen.Node, sent: int) -> happen.NodeStats:
@@ -60,3 +62,31 @@ async def subscriptions_live(node: happen.Node) -> None:
     except happen.NodeNotFoundError:
         return
     raise AssertionError("no node should be hosting 'zz-nobody-hosts-this'")
+
+
+async def observed_inbox(system: happen.System, transport: Any) -> str:
+    """The system's reply inbox prefix (``"<inbox>."``), as a peer on ``transport`` (started)
+    sees it in a request from that system: what a third party who saw one call learns."""
+    seen = anyio.Event()
+    subjects: list[str] = []
+
+    async def spy(msg: Any) -> None:
+        subjects.append(msg.reply)
+        seen.set()
+
+    sub = await transport.subscribe(f"{system.namespace}.node.zz-spy", spy)
+    await system.ready()
+    asker = system.create_node(f"zz-asker{next(_namespaces)}")
+
+    async def ask() -> None:
+        try:
+            await asker.send("zz-spy", {"type": "look"}, timeout=0.2)
+        except happen.SendTimeout:
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        with anyio.fail_after(10):
+            await seen.wait()
+    await sub.unsubscribe()
+    return subjects[0].rpartition(".")[0] + "."

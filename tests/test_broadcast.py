@@ -14,10 +14,12 @@ pytestmark = pytest.mark.anyio
 async def test_broadcast_reaches_every_matching_node(transport_url: str) -> None:
     async with make_system(transport_url) as system:
         received: dict[str, list[str]] = {}
+        nodes_by_name: dict[str, happen.Node] = {}
         for name, pattern in [("audit", "order.*"), ("mailer", "order.created"),
                               ("metrics", lambda t: t.startswith("order.")),
                               ("billing", "payment.*")]:
             node = system.create_node(name)
+            nodes_by_name[name] = node
             received[name] = []
 
             async def handler(event: happen.Event, context: dict, name: str = name) -> None:
@@ -27,8 +29,7 @@ async def test_broadcast_reaches_every_matching_node(transport_url: str) -> None
         sender = system.create_node("sender")
         await sender.broadcast({"type": "order.created", "payload": {"id": 1}})
         await eventually(lambda: sum(len(v) for v in received.values()) == 3)
-        nodes = [system._nodes[n] for n in received]
-        await drained(*nodes)
+        await drained(*nodes_by_name.values())
         assert received == {
             "audit": ["order.created"],
             "mailer": ["order.created"],

@@ -20,6 +20,7 @@ from tests.helpers import (
     assert_accounted,
     drained,
     eventually,
+    observed_inbox,
     subscriptions_live,
     unique_namespace,
 )
@@ -143,7 +144,7 @@ async def test_stray_and_malformed_frames_on_the_inbox_are_counted(
     served: happen.System, raw: Raw, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="happen")
-    inbox = served._inbox_prefix  # the system's reply inbox: "<inbox>." + a token per call
+    inbox = await observed_inbox(served, raw.transport)  # "<inbox>." + a token per call
     await raw.transport.publish(inbox + "ffff", encode({"k": "res", "value": 1}))
     await raw.transport.publish(inbox + "fffe", encode({"k": "credit", "n": 5}))
     await raw.transport.publish(inbox + "fffd", encode({"k": "cancel"}))

@@ -1,0 +1,394 @@
+"""The wire: the protocol's frames, their subjects, the system's reply inbox, and publishing.
+
+Every frame is a msgspec Struct tagged by the field ``k``. ``docs/PROTOCOL.md`` describes the
+subjects and frames for clients written in other languages.
+
+``Wire`` is the one place that talks to the transport for the core. Publishing follows one
+error policy: a request or a frame the caller asked for raises (the caller can act on it); a
+*reply* that cannot be published (too large, not encodable, connection lost) never raises:
+it is replaced by a failure the caller can read where possible, logged, and reported to the
+node as not delivered, so that it is counted as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Protocol
+
+import msgspec
+
+from happen._codec import Codec, Decoder
+from happen._errors import (
+    CodecError,
+    NodeNotFoundError,
+    PayloadTooLargeError,
+    TransportError,
+)
+from happen._events import CausalContext
+from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
+
+__all__ = [
+    "Abandon",
+    "Ack",
+    "BroadcastEnd",
+    "BroadcastFrame",
+    "BroadcastItem",
+    "Cancel",
+    "Chunk",
+    "Chunks",
+    "Credit",
+    "Failure",
+    "Hold",
+    "InboxFrame",
+    "Request",
+    "Result",
+    "Route",
+    "StreamEnd",
+    "StreamStart",
+    "Wire",
+]
+
+# Failure codes
+NO_HANDLER = "no_handler"
+QUEUE_FULL = "queue_full"
+HANDLER_ERROR = "handler_error"
+TIMEOUT = "timeout"
+BAD_REQUEST = "bad_request"
+UNAVAILABLE = "unavailable"
+
+
+class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True):
+    pass
+
+
+class Request(_Frame, tag="req"):
+    """A point-to-point event, published to ``{ns}.node.{node_id}`` with a reply inbox."""
+
+    type: str
+    payload: Any = None
+    context: CausalContext | None = None
+    priority: int = 0
+    window: int = 256  # stream credit the caller grants up front
+    timeout_ms: int | None = None
+    origin: str = ""  # the sending system's id; "" for foreign clients
+    probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
+
+
+class Result(_Frame, tag="res"):
+    """The handler's result (final)."""
+
+    value: Any = None
+
+
+class Failure(_Frame, tag="err"):
+    """The call failed (final); ``code`` says why."""
+
+    code: str
+    message: str = ""
+    error_type: str = ""
+
+
+class Hold(_Frame, tag="hold"):
+    """Admitted while the node is under pressure: its acknowledgment is withheld."""
+
+
+class Ack(_Frame, tag="ack"):
+    """The withheld admission acknowledgment: the node is below its threshold again."""
+
+
+class StreamStart(_Frame, tag="start"):
+    """The handler streams: credit and cancel frames go to ``control``."""
+
+    control: str
+
+
+class Chunk(_Frame, tag="chunk"):
+    """One streamed item."""
+
+    item: Any = None
+
+
+class Chunks(_Frame, tag="chunks"):
+    """Several streamed items in order (each counts as one item against the credit)."""
+
+    items: list[Any]
+
+
+class StreamEnd(_Frame, tag="end"):
+    """The stream finished (final)."""
+
+
+class Credit(_Frame, tag="credit"):
+    """The consumer read ``n`` more items: the producer may send ``n`` more."""
+
+    n: int
+
+
+class Cancel(_Frame, tag="cancel"):
+    """The consumer is gone: stop the producer."""
+
+
+class Abandon(_Frame, tag="abandon"):
+    """The caller of ``reply`` gave up (cancelled or timed out): cancel its handler.
+
+    Published to ``{ns}.cancel.{node_id}``, which every instance of the node hears.
+    """
+
+    reply: str
+
+
+class Broadcast(_Frame, tag="bcast"):
+    """A broadcast event, published to ``{ns}.bcast.{event_type}``."""
+
+    type: str
+    payload: Any = None
+    context: CausalContext | None = None
+    stream: str | None = None  # set for a streamed broadcast: its items follow as ``bitem``
+
+
+class BroadcastItem(_Frame, tag="bitem"):
+    """An item of the streamed broadcast ``stream``."""
+
+    stream: str
+    item: Any = None
+
+
+class BroadcastEnd(_Frame, tag="bend"):
+    """The streamed broadcast ``stream`` ended (``error`` set when the source failed)."""
+
+    stream: str
+    error: str | None = None
+
+
+InboxFrame = (
+    Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
+)
+BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
+
+
+def describe(exc: BaseException) -> str:
+    """``str(exc)`` on one line, always encodable, even when ``__str__`` raises."""
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__} whose message cannot be printed>"
+    message = message.replace("\r", " ").replace("\n", " ")
+    return message.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become "?"
+
+
+def handler_failure(exc: BaseException) -> Failure:
+    """The failure a handler's exception becomes: its type and message, no traceback."""
+    return Failure(HANDLER_ERROR, describe(exc), type(exc).__name__)
+
+
+def abandoned(node_id: str) -> Failure:
+    """Answered to a caller that gave up, so its system can forget the request."""
+    return Failure(TIMEOUT, f"node {node_id!r} cancelled the handler: the caller gave up")
+
+
+def stopped(node_id: str) -> Failure:
+    return Failure(UNAVAILABLE, f"node {node_id!r} stopped")
+
+
+log = logging.getLogger("happen")
+
+
+class ReplyLost(Exception):
+    """A reply could not be handed to the transport (already logged, to be counted)."""
+
+
+class Route(Protocol):
+    """What the reply inbox delivers frames to: a pending call, or a stream's producer."""
+
+    abandoned: bool
+    target: str
+
+    def feed(self, frame: Any) -> None:
+        """Take a decoded frame, or an exception that ends the conversation. Never blocks."""
+
+
+class Wire:
+    """The system's side of the transport: subjects, the reply inbox and its routes, and
+    publishing with one error policy.
+
+    Made by the system before it starts; ``attach`` connects it to the started transport.
+    """
+
+    def __init__(self, codec: Codec, namespace: str) -> None:
+        self.codec = codec
+        self.namespace = namespace
+        self.transport: Transport | None = None
+        self.inbox_prefix = ""
+        self.routes: dict[str, Route] = {}
+        self.bad_inputs = 0  # malformed frames received by this system, all nodes together
+        self.stray_frames = 0  # well-formed frames for a request or stream no longer here
+        self._bad_input_logged: set[str] = set()
+        self.request_decoder = codec.decoder(Request)
+        self.abandon_decoder = codec.decoder(Abandon)
+        self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
+        self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
+        self._node_prefix = f"{namespace}.node."
+        self._bcast_prefix = f"{namespace}.bcast."
+
+    # ----- subjects -----------------------------------------------------------------
+
+    def node_subject(self, node_id: str) -> str:
+        return self._node_prefix + node_id
+
+    def cancel_subject(self, node_id: str) -> str:
+        return f"{self.namespace}.cancel.{node_id}"
+
+    def broadcast_subject(self, suffix: str) -> str:
+        return self._bcast_prefix + suffix
+
+    # ----- connection ---------------------------------------------------------------
+
+    async def attach(self, transport: Transport) -> None:
+        """Use the started ``transport``; subscribe the reply inbox."""
+        inbox = transport.new_inbox()
+        await transport.subscribe(inbox + ".*", self._on_inbox)
+        self.inbox_prefix = inbox + "."
+        self.transport = transport
+
+    def _transport(self) -> Transport:
+        transport = self.transport
+        if transport is None:
+            raise TransportError("the system is not connected to its transport")
+        return transport
+
+    # ----- publishing ---------------------------------------------------------------
+
+    def encode(self, frame: Any) -> bytes:
+        return self.codec.encode(frame)
+
+    async def publish(self, subject: str, frame: Any, *, reply: str | None = None) -> None:
+        """Encode and publish a frame the caller asked for; errors propagate to the caller."""
+        await self._transport().publish(subject, self.codec.encode(frame), reply=reply)
+
+    async def publish_data(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+        """Publish encoded bytes; errors propagate to the caller."""
+        await self._transport().publish(subject, data, reply=reply)
+
+    async def reply(self, subject: str, frame: Any) -> bool:
+        """Publish a reply frame; never raises. True once it was handed to the transport.
+
+        A frame that cannot be encoded or is over ``max_payload`` is replaced by a failure
+        naming why, so the caller is told; a lost connection is logged. Either way the
+        answer is False: the node counts the call as failed.
+        """
+        try:
+            data = self.codec.encode(frame)
+        except CodecError as exc:
+            await self._reply_instead(subject, exc)
+            return False
+        return await self.reply_data(subject, data)
+
+    async def reply_data(self, subject: str, data: bytes) -> bool:
+        """``reply`` for an encoded frame."""
+        transport = self.transport
+        if transport is None:
+            return False
+        try:
+            await transport.publish(subject, data)
+        except PayloadTooLargeError as exc:
+            await self._reply_instead(subject, exc)
+            return False
+        except TransportError as exc:
+            log.warning("could not deliver a reply to %s: %s", subject, exc)
+            return False
+        return True
+
+    async def _reply_instead(self, subject: str, exc: Exception) -> None:
+        """The reply could not be sent: tell the caller why, in a frame that always fits."""
+        failure = handler_failure(exc)
+        failure = Failure(failure.code, fit_message(failure.message), failure.error_type)
+        log.warning("a reply to %s could not be sent: %s", subject, failure.message)
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            await transport.publish(subject, self.codec.encode(failure))
+        except (TransportError, CodecError, PayloadTooLargeError) as again:
+            log.warning("could not deliver a failure to %s: %s", subject, again)
+
+    # ----- the reply inbox ----------------------------------------------------------
+
+    def register(self, route: Route) -> str:
+        """Route the frames of a new conversation to ``route``; returns its inbox token."""
+        token = os.urandom(10).hex()  # a capability: unguessable, one per conversation
+        self.routes[token] = route
+        return token
+
+    def forget(self, token: str) -> None:
+        if token:
+            self.routes.pop(token, None)
+
+    def route_for(self, subject: str) -> Route | None:
+        """The route of one of this system's reply subjects, if still open."""
+        if subject.startswith(self.inbox_prefix):
+            return self.routes.get(subject[len(self.inbox_prefix) :])
+        return None
+
+    async def _on_inbox(self, msg: Message) -> None:
+        token = msg.subject[len(self.inbox_prefix) :]
+        route = self.routes.get(token)
+        headers = msg.headers
+        if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            if route is not None:
+                self.routes.pop(token, None)
+                route.feed(
+                    NodeNotFoundError(
+                        f"no node {route.target!r} is running in namespace {self.namespace!r}"
+                    )
+                )
+            return
+        try:
+            frame = self._inbox_decoder.decode(msg.data)
+        except CodecError as exc:
+            self.report_bad_input("inbox", exc)
+            return
+        if route is None:
+            # Late frames are normal (a credit after the stream ended, a reply after the
+            # caller gave up); they are counted, not raised.
+            self.stray_frames += 1
+            return
+        if route.abandoned:
+            if type(frame) is StreamStart:
+                self.routes.pop(token, None)
+                try:
+                    await self.publish(frame.control, Cancel())
+                except Exception as exc:
+                    log.debug("could not cancel a stream nobody reads: %s", exc)
+            elif isinstance(frame, (Result, Failure, StreamEnd)):
+                self.routes.pop(token, None)
+            return
+        route.feed(frame)
+
+    def fail_routes(self, error: BaseException) -> None:
+        """End every open conversation with ``error`` (connection lost, system stopped)."""
+        routes = list(self.routes.values())
+        self.routes.clear()
+        for route in routes:
+            route.feed(error)
+
+    def report_bad_input(self, where: str, exc: BaseException) -> None:
+        """Count a malformed frame; log the first of each kind per place."""
+        self.bad_inputs += 1
+        key = f"{where}:{type(exc).__name__}"
+        if key not in self._bad_input_logged:
+            self._bad_input_logged.add(key)
+            log.warning(
+                "%s: dropped malformed input (%s); further ones are counted only", where, exc
+            )
+
+
+#: Longest error message quoted back in a failure frame, in characters.
+MESSAGE_LIMIT = 4096
+
+
+def fit_message(message: str) -> str:
+    """``message`` cut to ``MESSAGE_LIMIT`` characters, marked when cut."""
+    if len(message) <= MESSAGE_LIMIT:
+        return message
+    return message[: MESSAGE_LIMIT - 20] + " ... (truncated)"
