@@ -3,7 +3,7 @@
 msgspec can overflow the C stack on extremely deep nesting, so bytes from the network are
 scanned before they are decoded: anything nested deeper than the limit is refused with
 ``CodecError``. The scan is a single C-level pass for ordinary messages; only input that
-might be deep is walked exactly.
+might be deep is walked exactly, in time linear in its length whatever the bytes are.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ T = TypeVar("T")
 _MSGPACK_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
 _MSGPACK_OTHER_BYTES = bytes(b for b in range(256) if b not in _MSGPACK_CONTAINER_BYTES)
 _JSON_OTHER_BYTES = bytes(b for b in range(256) if b not in b"[{")
-_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# A JSON string (possessive: never backtracks into its escapes), a bracket, or the opening
+# quote of a string that is never closed: every quote matches, so the scan never retries the
+# bytes of an unterminated string from a later position.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]|"', re.DOTALL)
 
 
 class Codec:
@@ -107,16 +110,24 @@ def make_codec(name: object, max_depth: object) -> Codec:
 
 
 def _json_depth_exceeds(data: bytes, limit: int) -> bool:
-    """True when JSON ``data`` nests arrays and objects deeper than ``limit``."""
+    """True when JSON ``data`` nests arrays and objects deeper than ``limit``.
+
+    Linear in ``len(data)`` whatever the bytes: one left-to-right pass, a string skipped in
+    one possessive match, escapes included. An unterminated string ends the scan: the decoder
+    rejects the input there, as it rejects any malformed input past the depth seen so far.
+    """
     depth = 0
-    for match in _JSON_TOKENS.finditer(data):
-        token = match.group()
-        if token in (b"[", b"{"):
+    for token in _JSON_TOKENS.finditer(data):
+        start = token.start()
+        byte = data[start]
+        if byte == 0x5B or byte == 0x7B:  # [ {
             depth += 1
             if depth > limit:
                 return True
-        elif token in (b"]", b"}"):
+        elif byte == 0x5D or byte == 0x7D:  # ] }
             depth -= 1
+        elif token.end() - start == 1:  # a quote that opens no complete string
+            return False
     return False
 
 
