@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Any
 
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 import happen
 from happen._codec import _json_depth_exceeds, make_codec
+from tests.helpers import assert_accounted, drained, make_system
 
 LIMIT = 64
 SIZE = 200_000  # bytes: a frame a peer can send (the NATS max_payload is 1 MiB by default)
@@ -114,3 +117,73 @@ def test_crafted_json_frames_are_refused_or_decoded_in_linear_time(name: str) ->
         pass
     elapsed = time.perf_counter() - started
     assert elapsed < 0.5, f"{name}: {len(data)} bytes took {elapsed:.2f} s"
+
+
+# ----- NaN and infinities ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reading:
+    sensor: str
+    value: float
+
+
+class Sample(msgspec.Struct):
+    label: str
+    values: list[float]
+
+
+NON_FINITE = [float("nan"), float("inf"), float("-inf")]
+HOLDERS = [
+    lambda x: x,
+    lambda x: {"a": [1, {"b": (None, x)}]},
+    lambda x: Reading("t1", x),
+    lambda x: [Sample("s", [0.5, x])],
+    lambda x: {frozenset({x})},
+]
+
+
+@pytest.mark.anyio
+async def test_json_refuses_nan_and_infinity_at_the_sender(transport_url: str) -> None:
+    async with make_system(transport_url, codec="json") as system:
+        node = system.create_node("n")
+        node.on("x", lambda e, c: "ok")
+        client = system.create_node("client")
+        for bad in NON_FINITE:
+            for hold in HOLDERS:
+                payload = hold(bad)
+                with pytest.raises(happen.CodecError, match="NaN/infinity cannot be encoded"):
+                    await client.send("n", {"type": "x", "payload": payload})
+                with pytest.raises(happen.CodecError, match="use msgpack"):
+                    await client.broadcast({"type": "x", "payload": payload})
+        assert node.stats().accepted == 0
+        # nulls and finite floats still travel; so does the text "null" in a string
+        payload = {"none": None, "pi": 3.25, "text": "null NaN Infinity", "big": 1e308}
+        node.on("echo", lambda e, c: e.payload)
+        assert await client.send("n", {"type": "echo", "payload": payload}) == payload
+
+
+@pytest.mark.anyio
+async def test_json_handler_returning_nan_fails_the_call(transport_url: str) -> None:
+    async with make_system(transport_url, codec="json") as system:
+        node = system.create_node("n")
+        node.on("x", lambda e, c: {"mean": float("nan")})
+        client = system.create_node("client")
+        with pytest.raises(happen.HandlerError) as info:
+            await client.send("n", {"type": "x"})
+        assert info.value.remote_type == "CodecError"
+        assert "NaN/infinity cannot be encoded as JSON" in info.value.remote_message
+        await drained(node)
+        assert assert_accounted(node, sent=1).failed == 1
+
+
+@pytest.mark.anyio
+async def test_msgpack_carries_nan_and_infinity_unchanged(transport_url: str) -> None:
+    async with make_system(transport_url) as system:
+        node = system.create_node("n")
+        node.on("echo", lambda e, c: e.payload)
+        client = system.create_node("client")
+        nan, inf, minus_inf = await client.send(
+            "n", {"type": "echo", "payload": [float("nan"), float("inf"), float("-inf")]}
+        )
+        assert math.isnan(nan) and inf == math.inf and minus_inf == -math.inf
