@@ -3,11 +3,17 @@
 msgspec can overflow the C stack on extremely deep nesting, so bytes from the network are
 scanned before they are decoded: anything nested deeper than the limit is refused with
 ``CodecError``. The scan is a single C-level pass for ordinary messages; only input that
-might be deep is walked exactly.
+might be deep is walked exactly, in time linear in its length whatever the bytes are.
+
+A codec never changes a value silently: msgspec's JSON encoder writes NaN and infinities as
+``null``, so the JSON codec refuses them with ``CodecError``. Only output that holds a
+``null`` is checked, by walking the value.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any, Generic, TypeVar
 
@@ -23,7 +29,11 @@ T = TypeVar("T")
 _MSGPACK_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
 _MSGPACK_OTHER_BYTES = bytes(b for b in range(256) if b not in _MSGPACK_CONTAINER_BYTES)
 _JSON_OTHER_BYTES = bytes(b for b in range(256) if b not in b"[{")
-_JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_NON_FINITE_JSON = "NaN/infinity cannot be encoded as JSON; use msgpack or encode it as a string"
+# A JSON string (possessive: never backtracks into its escapes), a bracket, or the opening
+# quote of a string that is never closed: every quote matches, so the scan never retries the
+# bytes of an unterminated string from a later position.
+_JSON_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[\[\]{}]|"', re.DOTALL)
 
 
 class Codec:
@@ -32,6 +42,7 @@ class Codec:
     def __init__(self, name: str, max_depth: int) -> None:
         self.name = name
         self.max_depth = max_depth
+        self._json = name == "json"
         if name == "msgpack":
             self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
                 msgspec.msgpack.Encoder()
@@ -50,7 +61,8 @@ class Codec:
         return len(data.translate(None, self._other)) > limit and self._exact(data, limit)
 
     def encode(self, value: Any) -> bytes:
-        """Encode ``value``; raise ``CodecError`` naming what could not be encoded."""
+        """Encode ``value``; raise ``CodecError`` naming what could not be encoded (with JSON,
+        that includes NaN and infinities, which JSON cannot represent)."""
         try:
             data = self._encoder.encode(value)
         except (TypeError, ValueError, OverflowError) as exc:
@@ -64,6 +76,8 @@ class Codec:
                 f"cannot send a message nested deeper than {self.max_depth} levels, counting "
                 "its envelope (the max_depth system setting); nothing was sent"
             )
+        if self._json and b"null" in data and _holds_non_finite_float(value):
+            raise CodecError(f"cannot encode with the json codec: {_NON_FINITE_JSON}")
         return data
 
     def decoder(self, type: type[T]) -> Decoder[T]:
@@ -106,17 +120,65 @@ def make_codec(name: object, max_depth: object) -> Codec:
     return Codec(name, max_depth)
 
 
+_SKIPPED_TYPES = frozenset((str, int, bool, type(None), bytes))
+
+
+def _holds_non_finite_float(value: Any) -> bool:
+    """True when ``value`` holds a NaN or infinite float where msgspec would encode it: in a
+    dict's values, a list, tuple or set, or a field of a Struct, dataclass or attrs class.
+
+    Iterative, so any nesting msgspec could encode is walked without recursion.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _SKIPPED_TYPES:
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, msgspec.Struct):
+            stack.extend(getattr(item, name) for name in item.__struct_fields__)
+        else:
+            stack.extend(_field_values(item))
+    return False
+
+
+def _field_values(item: Any) -> list[Any]:
+    """The field values msgspec encodes for a dataclass or attrs instance; ``[]`` otherwise."""
+    kind = type(item)
+    if hasattr(kind, "__dataclass_fields__"):
+        return [getattr(item, field.name) for field in dataclasses.fields(item)]
+    attrs_fields = getattr(kind, "__attrs_attrs__", None)
+    if attrs_fields is not None:
+        return [getattr(item, field.name) for field in attrs_fields]
+    return []
+
+
 def _json_depth_exceeds(data: bytes, limit: int) -> bool:
-    """True when JSON ``data`` nests arrays and objects deeper than ``limit``."""
+    """True when JSON ``data`` nests arrays and objects deeper than ``limit``.
+
+    Linear in ``len(data)`` whatever the bytes: one left-to-right pass, a string skipped in
+    one possessive match, escapes included. An unterminated string ends the scan: the decoder
+    rejects the input there, as it rejects any malformed input past the depth seen so far.
+    """
     depth = 0
-    for match in _JSON_TOKENS.finditer(data):
-        token = match.group()
-        if token in (b"[", b"{"):
+    for token in _JSON_TOKENS.finditer(data):
+        start = token.start()
+        byte = data[start]
+        if byte == 0x5B or byte == 0x7B:  # [ {
             depth += 1
             if depth > limit:
                 return True
-        elif token in (b"]", b"}"):
+        elif byte == 0x5D or byte == 0x7D:  # ] }
             depth -= 1
+        elif token.end() - start == 1:  # a quote that opens no complete string
+            return False
     return False
 
 

@@ -13,6 +13,14 @@ import msgspec
 
 __all__ = ["CausalContext", "Event", "current_event", "external_context", "new_context"]
 
+#: How many node ids ``CausalContext.path`` keeps: the last hops of the flow. A flow that
+#: travels further keeps counting in ``hops``, so neither a frame nor the cost of a send grows
+#: with the length of the flow.
+PATH_LENGTH = 16
+#: ``hops`` stops growing here (the largest signed 64-bit int), so a forged count
+#: cannot make the sends of the handler that receives it unencodable.
+_MAX_HOPS = 2**63 - 1
+
 
 class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     """Where an event comes from.
@@ -21,8 +29,12 @@ class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     - ``sender``: id of the node that sent it.
     - ``causation_id``: id of the event whose handler sent this one, or ``None`` for a root.
     - ``correlation_id``: id of the root event of this flow.
-    - ``path``: node ids the flow has travelled, the sender last.
+    - ``path``: the node ids of the flow's last hops, the sender last: at most
+      ``PATH_LENGTH`` (16); older ones are dropped.
     - ``timestamp``: when it was sent, epoch milliseconds.
+    - ``hops``: how many sends the flow has travelled in all, this one included (1 for a
+      root event): ``len(path)`` until the path is cut. ``0`` in a context a foreign client
+      built without counting; read it as ``len(path)``.
     """
 
     id: str
@@ -31,6 +43,7 @@ class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     path: tuple[str, ...] = ()
     timestamp: int = 0
     causation_id: str | None = None
+    hops: int = 0
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -74,11 +87,23 @@ def external_context(ids: IdGenerator) -> CausalContext:
 
 
 def new_context(ids: IdGenerator, sender: str) -> CausalContext:
-    """The context of an event sent by ``sender`` now, inheriting from the running handler."""
+    """The context of an event sent by ``sender`` now, inheriting from the running handler.
+
+    Constant cost per hop: the path keeps its last ``PATH_LENGTH`` ids and ``hops`` counts.
+    """
     event_id = ids()
     parent = current_event.get()
     now = time.time_ns() // 1_000_000
     if parent is None:
-        return CausalContext(event_id, sender, event_id, (sender,), now, None)
+        return CausalContext(event_id, sender, event_id, (sender,), now, None, 1)
     ctx = parent.context
-    return CausalContext(event_id, sender, ctx.correlation_id, (*ctx.path, sender), now, ctx.id)
+    path = ctx.path
+    travelled = len(path)
+    hops = ctx.hops
+    if hops < travelled:  # a context that did not count (a foreign client's)
+        hops = travelled
+    if hops < _MAX_HOPS:
+        hops += 1
+    if travelled >= PATH_LENGTH:
+        path = path[travelled - PATH_LENGTH + 1 :]
+    return CausalContext(event_id, sender, ctx.correlation_id, (*path, sender), now, ctx.id, hops)
