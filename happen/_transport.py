@@ -66,7 +66,9 @@ class Transport(Protocol):
     - Subscriptions with the same ``queue`` share the messages of a subject: each message
       goes to one member of the group.
     - ``publish`` raises ``PayloadTooLargeError`` for a frame (data plus headers) over
-      ``max_payload`` and ``TransportError`` once the connection is closed.
+      ``max_payload``, and ``TransportError`` once the connection is closed or, at once,
+      while it is down (reconnecting): nothing is held back to be sent later. ``subscribe``
+      raises ``TransportError`` in both cases too.
     """
 
     max_payload: int

@@ -138,6 +138,10 @@ class NatsTransport:
     ``pending_msgs_limit`` messages or ``pending_bytes_limit`` bytes that its callback has not
     taken yet; nats-py drops what arrives beyond, and the listener's ``on_dropped`` counts it.
 
+    While the connection is down and nats-py reconnects, :meth:`publish` and :meth:`subscribe`
+    raise :class:`TransportError` at once: nothing waits in nats-py's reconnect buffer to be
+    sent, late, after the outage.
+
     :meth:`start` fails fast: once every server has failed once (a refused connection, a
     timeout, an authorization error...), or after ``3 * connect_timeout`` seconds per server,
     it raises :class:`TransportError` naming the cause instead of retrying forever.
@@ -264,15 +268,26 @@ class NatsTransport:
             raise TransportError(f"the NATS transport is {state}")
         return nc
 
+    def _connected_client(self, action: str) -> Client:
+        """The client, if its connection is up: while nats-py reconnects it would hold a
+        publish or a subscription in its reconnect buffer for the whole outage."""
+        nc = self._client()
+        if not nc.is_connected and not nc.is_closed:
+            raise TransportError(
+                f"cannot {action}: the connection to NATS is down (reconnecting); nothing was sent"
+            )
+        return nc
+
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None
     ) -> NatsSubscription:
         """Deliver messages on ``subject`` (wildcards allowed) to ``callback``, one at a time.
 
         With ``queue``, subscriptions of the same group share the messages. Raises
-        :class:`TransportError` for an invalid subject or a closed connection.
+        :class:`TransportError` for an invalid subject, a closed connection, or at once while
+        the connection is down and nats-py reconnects.
         """
-        nc = self._client()
+        nc = self._connected_client(f"subscribe to {subject!r}")
         if not inspect.iscoroutinefunction(callback):  # nats-py takes coroutine functions only
             callback = _as_coroutine_function(callback)
         try:
@@ -301,9 +316,10 @@ class NatsTransport:
 
         Raises :class:`PayloadTooLargeError` when data plus encoded headers exceed
         ``max_payload`` (nothing is sent), and :class:`TransportError` for a header with a line
-        break, an invalid subject or header name, or a closed connection.
+        break, an invalid subject or header name, a closed connection, or at once while the
+        connection is down and nats-py reconnects (nothing is sent, nothing is buffered).
         """
-        nc = self._client()
+        nc = self._connected_client(f"publish to {subject!r}")
         # nats-py checks whitespace only; an empty token shows as ".." once framed by dots.
         if "*" in subject or ">" in subject or ".." in f".{subject}.":
             raise TransportError(f"invalid subject {subject!r}: a wildcard or an empty token")
