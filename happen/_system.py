@@ -31,7 +31,7 @@ from happen._pressure import RemoteGate
 from happen._sending import Sending
 from happen._signal import Signal, signal_factory
 from happen._stream import Call
-from happen._transport import Message, Transport
+from happen._transport import Message, Subscription, Transport
 
 __all__ = ["System"]
 
@@ -388,7 +388,8 @@ class System(Sending):
             reason = f": {error}" if error else ""
             self._fail_routes(TransportError(f"the transport closed{reason}"))
 
-    def on_dropped(self, subject: str, count: int) -> None:
+    def on_dropped(self, subscription: Subscription, count: int) -> None:
+        subject = subscription.subject
         prefix = f"{self.namespace}.node."
         if subject.startswith(prefix):
             node = self._nodes.get(subject[len(prefix) :])

@@ -108,17 +108,28 @@ def _as_coroutine_function(callback: MessageCallback) -> MessageCallback:
 
 
 class NatsSubscription:
-    """A subscription on a :class:`NatsTransport`."""
+    """A subscription on a :class:`NatsTransport`.
 
-    __slots__ = ("_sub",)
+    ``subject`` is the subject (or wildcard pattern) subscribed to, ``queue`` the queue group
+    (or ``None``).
+    """
 
-    def __init__(self, sub: _NatsSubscription) -> None:
-        self._sub = sub
+    __slots__ = ("_transport", "nats_subscription", "queue", "subject")
+
+    def __init__(
+        self, transport: NatsTransport, sub: _NatsSubscription, subject: str, queue: str | None
+    ) -> None:
+        self._transport = transport
+        #: The nats-py subscription underneath.
+        self.nats_subscription = sub
+        self.subject = subject
+        self.queue = queue
 
     async def unsubscribe(self) -> None:
         """Stop delivery at once (queued messages are discarded). Never raises."""
+        self._transport._forget(self)
         with contextlib.suppress(nats.errors.Error):  # closed or draining: nothing to stop
-            await self._sub.unsubscribe()
+            await self.nats_subscription.unsubscribe()
 
 
 class NatsTransport:
@@ -172,6 +183,8 @@ class NatsTransport:
         self._inbox_prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
         self._nc: Client | None = None
         self._listener: TransportListener | None = None
+        # nats-py's subscription -> the one subscribe() returned, to name it in on_dropped
+        self._subscriptions: dict[_NatsSubscription, NatsSubscription] = {}
         # new -> connecting -> connected -> stopping -> closed (or connecting -> closed)
         self._state = "new"
         self._closed_reported = False
@@ -278,6 +291,9 @@ class NatsTransport:
             )
         return nc
 
+    def _forget(self, subscription: NatsSubscription) -> None:
+        self._subscriptions.pop(subscription.nats_subscription, None)
+
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None
     ) -> NatsSubscription:
@@ -302,7 +318,9 @@ class NatsTransport:
             raise TransportError(f"invalid subject {subject!r} or queue {queue!r}") from None
         except nats.errors.Error as exc:
             raise TransportError(f"cannot subscribe to {subject!r}: {_describe(exc)}") from exc
-        return NatsSubscription(sub)
+        subscription = NatsSubscription(self, sub, subject, queue or None)
+        self._subscriptions[sub] = subscription
+        return subscription
 
     async def publish(
         self,
@@ -355,9 +373,12 @@ class NatsTransport:
                 # forever, while its connection is still in a state close() cleans up.
                 raise _ConnectAborted
         elif isinstance(error, nats.errors.SlowConsumerError):
-            # Reported by the subscription's subject (pattern): that names the subscriber.
-            log.debug("slow consumer on %r: message dropped", error.sub.subject)
-            self._notify("on_dropped", error.sub.subject, 1)
+            subscription = self._subscriptions.get(error.sub)
+            if subscription is None:  # unsubscribed meanwhile: nobody to count it for
+                log.debug("slow consumer on %r: message dropped", error.sub.subject)
+                return
+            log.debug("slow consumer on %r: message dropped", subscription.subject)
+            self._notify("on_dropped", subscription, 1)
         elif isinstance(error, nats.errors.Error | OSError):  # OSError: a reconnect attempt
             level = logging.INFO if isinstance(error, OSError) else logging.WARNING
             log.log(level, "NATS connection: %s", _describe(error))
@@ -386,6 +407,7 @@ class NatsTransport:
     def _report_closed(self, error: BaseException | None) -> None:
         if not self._closed_reported:
             self._closed_reported = True
+            self._subscriptions.clear()
             self._notify("on_closed", error)
 
     def _notify(self, method: str, *args: Any) -> None:
