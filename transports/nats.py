@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +46,10 @@ _HEADER_FRAME_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 _HEADER_LINE_OVERHEAD = len(b": \r\n")
 _Callback = Callable[[], Awaitable[None]]
 _ErrorCallback = Callable[[Exception], Awaitable[None]]
+#: Seconds without a drop that end a burst of slow-consumer drops on a subscription, and the
+#: least time between two log lines about one subscription's drops.
+DROP_LOG_INTERVAL = 1.0
+_clock = time.monotonic  # module-level so a test can drive the drop log's clock
 
 
 def _require_asyncio() -> None:
@@ -111,10 +116,21 @@ class NatsSubscription:
     """A subscription on a :class:`NatsTransport`.
 
     ``subject`` is the subject (or wildcard pattern) subscribed to, ``queue`` the queue group
-    (or ``None``).
+    (or ``None``), and ``dropped`` how many messages nats-py dropped on it so far because its
+    callback did not keep up (slow consumer).
     """
 
-    __slots__ = ("_transport", "nats_subscription", "queue", "subject")
+    __slots__ = (
+        "_burst",
+        "_last_drop",
+        "_last_log",
+        "_logged",
+        "_transport",
+        "dropped",
+        "nats_subscription",
+        "queue",
+        "subject",
+    )
 
     def __init__(
         self, transport: NatsTransport, sub: _NatsSubscription, subject: str, queue: str | None
@@ -124,12 +140,71 @@ class NatsSubscription:
         self.nats_subscription = sub
         self.subject = subject
         self.queue = queue
+        self.dropped = 0
+        # The current burst of drops: how many, how many the log has told, and when.
+        self._burst = self._logged = 0
+        self._last_drop = self._last_log = 0.0
 
     async def unsubscribe(self) -> None:
         """Stop delivery at once (queued messages are discarded). Never raises."""
         self._transport._forget(self)
+        self._end_drop_burst()
         with contextlib.suppress(nats.errors.Error):  # closed or draining: nothing to stop
             await self.nats_subscription.unsubscribe()
+
+    def _record_drop(self, now: float) -> None:
+        """Count one message dropped at ``now`` (``time.monotonic()``) and log it sparingly.
+
+        The first drop of a burst is logged at once, naming the subscription; later drops are
+        counted and logged at most once per ``DROP_LOG_INTERVAL``, with how many were dropped
+        since the last line. A burst ends after ``DROP_LOG_INTERVAL`` without a drop: that is
+        noticed at the next drop (or by :meth:`_end_drop_burst`), and logged with its total.
+        No task or timer is involved: this runs in nats-py's ``error_cb``.
+        """
+        self.dropped += 1
+        if self._burst and now - self._last_drop >= DROP_LOG_INTERVAL:
+            self._end_drop_burst()
+        self._last_drop = now
+        self._burst += 1
+        if self._burst == 1:
+            self._last_log = now
+            self._logged = 1
+            log.warning(
+                "slow consumer on %s: its callback is not keeping up, so NATS messages are "
+                "being dropped (pending_msgs_limit=%d, pending_bytes_limit=%d); further drops "
+                "are counted and logged at most every %g s",
+                self._describe(),
+                self._transport.pending_msgs_limit,
+                self._transport.pending_bytes_limit,
+                DROP_LOG_INTERVAL,
+            )
+        elif now - self._last_log >= DROP_LOG_INTERVAL:
+            log.warning(
+                "slow consumer on %s: %d more message(s) dropped in the last %.1f s "
+                "(%d in this burst so far)",
+                self._describe(),
+                self._burst - self._logged,
+                now - self._last_log,
+                self._burst,
+            )
+            self._last_log = now
+            self._logged = self._burst
+
+    def _end_drop_burst(self) -> None:
+        """Log the total of the current burst of drops, if it has more than one, and start
+        afresh. Called lazily: at the next drop after a quiet interval, on unsubscribe and
+        when the transport stops."""
+        if self._burst > 1:
+            log.warning(
+                "slow consumer on %s: burst over, %d message(s) dropped in all",
+                self._describe(),
+                self._burst,
+            )
+        self._burst = self._logged = 0
+
+    def _describe(self) -> str:
+        queue = f" (queue group {self.queue!r})" if self.queue else ""
+        return f"the subscription to {self.subject!r}{queue}"
 
 
 class NatsTransport:
@@ -147,7 +222,9 @@ class NatsTransport:
     ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` and ``closed_cb`` may be passed too;
     they are called after happen's own handling. Each subscription may hold
     ``pending_msgs_limit`` messages or ``pending_bytes_limit`` bytes that its callback has not
-    taken yet; nats-py drops what arrives beyond, and the listener's ``on_dropped`` counts it.
+    taken yet; nats-py drops what arrives beyond. Each drop is reported to the listener's
+    ``on_dropped`` with the subscription :meth:`subscribe` returned, and counted in its
+    ``dropped``; the log tells of drops once per burst, not once per message.
 
     While the connection is down and nats-py reconnects, :meth:`publish` and :meth:`subscribe`
     raise :class:`TransportError` at once: nothing waits in nats-py's reconnect buffer to be
@@ -377,7 +454,7 @@ class NatsTransport:
             if subscription is None:  # unsubscribed meanwhile: nobody to count it for
                 log.debug("slow consumer on %r: message dropped", error.sub.subject)
                 return
-            log.debug("slow consumer on %r: message dropped", subscription.subject)
+            subscription._record_drop(_clock())
             self._notify("on_dropped", subscription, 1)
         elif isinstance(error, nats.errors.Error | OSError):  # OSError: a reconnect attempt
             level = logging.INFO if isinstance(error, OSError) else logging.WARNING
@@ -407,6 +484,8 @@ class NatsTransport:
     def _report_closed(self, error: BaseException | None) -> None:
         if not self._closed_reported:
             self._closed_reported = True
+            for subscription in self._subscriptions.values():
+                subscription._end_drop_burst()
             self._subscriptions.clear()
             self._notify("on_closed", error)
 
