@@ -240,12 +240,11 @@ class Node:
                 except Exception:
                     log.debug("unsubscribe failed while stopping", exc_info=True)
 
-    def owns_subject(self, subject: str) -> bool:
-        """Whether one of this node's subscriptions is on ``subject``."""
-        wire = self._wire
-        if subject == wire.node_subject(self.id):
-            return True
-        return any(subject == wire.broadcast_subject(s) for s in self._subscriptions)
+    def owns(self, subscription: Subscription) -> bool:
+        """Whether ``subscription`` is one of this node's."""
+        return subscription is self._direct or any(
+            subscription is sub for sub in self._subscriptions.values()
+        )
 
     def count_dropped(self, count: int) -> None:
         """The transport dropped ``count`` messages meant for this node."""

@@ -27,7 +27,7 @@ from happen._ids import validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._node import Node
 from happen._runtime import Runtime
-from happen._transport import Transport
+from happen._transport import Subscription, Transport
 from happen._wire import Wire
 
 __all__ = ["System"]
@@ -347,9 +347,9 @@ class _ConnectionEvents:
             reason = f": {error}" if error else ""
             self._wire.fail_routes(TransportError(f"the transport closed{reason}"))
 
-    def on_dropped(self, subject: str, count: int) -> None:
+    def on_dropped(self, subscription: Subscription, count: int) -> None:
         for node in self._nodes.values():
-            if node.owns_subject(subject):
+            if node.owns(subscription):
                 node.count_dropped(count)
                 return
-        log.warning("the transport dropped %d message(s) on %s", count, subject)
+        log.warning("the transport dropped %d message(s) on %s", count, subscription.subject)

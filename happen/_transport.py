@@ -28,9 +28,16 @@ class Message(Protocol):
 
 
 class Subscription(Protocol):
-    """A live subscription; ``unsubscribe()`` stops delivery."""
+    """A live subscription, as ``Transport.subscribe()`` returns it."""
 
-    async def unsubscribe(self) -> None: ...
+    @property
+    def subject(self) -> str:
+        """The subject (or wildcard pattern) subscribed to."""
+        ...
+
+    async def unsubscribe(self) -> None:
+        """Stop delivery; never raises."""
+        ...
 
 
 class TransportListener(Protocol):
@@ -45,9 +52,13 @@ class TransportListener(Protocol):
     def on_closed(self, error: BaseException | None) -> None:
         """The transport closed for good (or was stopped)."""
 
-    def on_dropped(self, subject: str, count: int) -> None:
-        """``count`` messages were dropped by the transport (slow consumer) on the
-        subscription whose subject (or wildcard pattern) is ``subject``."""
+    def on_dropped(self, subscription: Subscription, count: int) -> None:
+        """The transport dropped ``count`` messages meant for ``subscription`` because its
+        callback did not keep up (NATS: the subscription's pending limits were full).
+
+        ``subscription`` is the very object ``Transport.subscribe()`` returned, so the
+        listener can tell by identity which subscriber (which node) lost them. Called from
+        the transport's own task: it must only count, not block or raise."""
 
 
 MessageCallback = Callable[[Message], Awaitable[None]]
@@ -66,7 +77,9 @@ class Transport(Protocol):
     - Subscriptions with the same ``queue`` share the messages of a subject: each message
       goes to one member of the group.
     - ``publish`` raises ``PayloadTooLargeError`` for a frame (data plus headers) over
-      ``max_payload`` and ``TransportError`` once the connection is closed.
+      ``max_payload``, and ``TransportError`` once the connection is closed or, at once,
+      while it is down (reconnecting): nothing is held back to be sent later. ``subscribe``
+      raises ``TransportError`` in both cases too.
     """
 
     max_payload: int

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from happen._errors import TransportError
-from happen._transport import Message
+from happen._transport import Message, Subscription
 from happen.transports.nats import NatsTransport, from_url
 from tests.conftest import NatsServer
 from tests.test_transport_contract import WAIT, Collector
@@ -45,7 +45,7 @@ class EventListener:
         self.reconnected = anyio.Event()
         self.closed = anyio.Event()
         self.closed_with: list[BaseException | None] = []
-        self.dropped: list[tuple[str, int]] = []
+        self.dropped: list[tuple[Subscription, int]] = []
 
     def on_disconnected(self) -> None:
         self.disconnected.set()
@@ -57,9 +57,14 @@ class EventListener:
         self.closed_with.append(error)
         self.closed.set()
 
-    def on_dropped(self, subject: str, count: int) -> None:
-        self.dropped.append((subject, count))
+    def on_dropped(self, subscription: Subscription, count: int) -> None:
+        self.dropped.append((subscription, count))
         self.progress.notify()
+
+    @property
+    def dropped_count(self) -> int:
+        """The total of the counts ``on_dropped`` reported."""
+        return sum(count for _, count in self.dropped)
 
 
 @pytest.fixture
@@ -213,7 +218,7 @@ async def test_slow_consumer_drops_are_reported(nats_server: NatsServer) -> None
         await release.wait()
 
     try:
-        await transport.subscribe("slow.*", stuck)
+        subscription = await transport.subscribe("slow.*", stuck)
         sent = 10
         for i in range(sent):
             await transport.publish("slow.consumer", str(i).encode())
@@ -221,7 +226,7 @@ async def test_slow_consumer_drops_are_reported(nats_server: NatsServer) -> None
         await listener.progress.until(lambda: len(listener.dropped) >= sent - 2)
         release.set()
         await listener.progress.until(lambda: len(received) + len(listener.dropped) == sent)
-        assert set(listener.dropped) == {("slow.*", 1)}, "named by the subscription's subject"
+        assert set(listener.dropped) == {(subscription, 1)}, "named by the subscription itself"
         assert len(errors) == len(listener.dropped), "the user's error_cb is called too"
     finally:
         release.set()

@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from happen._errors import PayloadTooLargeError, TransportError
-from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
+from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Subscription, Transport
 
 pytestmark = pytest.mark.anyio
 
@@ -62,8 +62,8 @@ class RecordingListener:
     def on_closed(self, error: BaseException | None) -> None:
         self.calls.append(("closed", error))
 
-    def on_dropped(self, subject: str, count: int) -> None:
-        self.calls.append(("dropped", (subject, count)))
+    def on_dropped(self, subscription: Subscription, count: int) -> None:
+        self.calls.append(("dropped", (subscription, count)))
 
 
 @pytest.fixture

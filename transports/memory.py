@@ -63,6 +63,11 @@ class MemorySubscription:
         self.queue = queue
         self.active = True
 
+    @property
+    def subject(self) -> str:
+        """The subject (or wildcard pattern) subscribed to."""
+        return self.pattern
+
     def matches(self, subject_tokens: list[str]) -> bool:
         tokens = self.tokens
         n = len(tokens)

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +46,10 @@ _HEADER_FRAME_OVERHEAD = len(b"NATS/1.0\r\n\r\n")
 _HEADER_LINE_OVERHEAD = len(b": \r\n")
 _Callback = Callable[[], Awaitable[None]]
 _ErrorCallback = Callable[[Exception], Awaitable[None]]
+#: Seconds without a drop that end a burst of slow-consumer drops on a subscription, and the
+#: least time between two log lines about one subscription's drops.
+DROP_LOG_INTERVAL = 1.0
+_clock = time.monotonic  # module-level so a test can drive the drop log's clock
 
 
 def _require_asyncio() -> None:
@@ -108,17 +113,98 @@ def _as_coroutine_function(callback: MessageCallback) -> MessageCallback:
 
 
 class NatsSubscription:
-    """A subscription on a :class:`NatsTransport`."""
+    """A subscription on a :class:`NatsTransport`.
 
-    __slots__ = ("_sub",)
+    ``subject`` is the subject (or wildcard pattern) subscribed to, ``queue`` the queue group
+    (or ``None``), and ``dropped`` how many messages nats-py dropped on it so far because its
+    callback did not keep up (slow consumer).
+    """
 
-    def __init__(self, sub: _NatsSubscription) -> None:
-        self._sub = sub
+    __slots__ = (
+        "_burst",
+        "_last_drop",
+        "_last_log",
+        "_logged",
+        "_transport",
+        "dropped",
+        "nats_subscription",
+        "queue",
+        "subject",
+    )
+
+    def __init__(
+        self, transport: NatsTransport, sub: _NatsSubscription, subject: str, queue: str | None
+    ) -> None:
+        self._transport = transport
+        #: The nats-py subscription underneath.
+        self.nats_subscription = sub
+        self.subject = subject
+        self.queue = queue
+        self.dropped = 0
+        # The current burst of drops: how many, how many the log has told, and when.
+        self._burst = self._logged = 0
+        self._last_drop = self._last_log = 0.0
 
     async def unsubscribe(self) -> None:
         """Stop delivery at once (queued messages are discarded). Never raises."""
+        self._transport._forget(self)
+        self._end_drop_burst()
         with contextlib.suppress(nats.errors.Error):  # closed or draining: nothing to stop
-            await self._sub.unsubscribe()
+            await self.nats_subscription.unsubscribe()
+
+    def _record_drop(self, now: float) -> None:
+        """Count one message dropped at ``now`` (``time.monotonic()``) and log it sparingly.
+
+        The first drop of a burst is logged at once, naming the subscription; later drops are
+        counted and logged at most once per ``DROP_LOG_INTERVAL``, with how many were dropped
+        since the last line. A burst ends after ``DROP_LOG_INTERVAL`` without a drop: that is
+        noticed at the next drop (or by :meth:`_end_drop_burst`), and logged with its total.
+        No task or timer is involved: this runs in nats-py's ``error_cb``.
+        """
+        self.dropped += 1
+        if self._burst and now - self._last_drop >= DROP_LOG_INTERVAL:
+            self._end_drop_burst()
+        self._last_drop = now
+        self._burst += 1
+        if self._burst == 1:
+            self._last_log = now
+            self._logged = 1
+            log.warning(
+                "slow consumer on %s: its callback is not keeping up, so NATS messages are "
+                "being dropped (pending_msgs_limit=%d, pending_bytes_limit=%d); further drops "
+                "are counted and logged at most every %g s",
+                self._describe(),
+                self._transport.pending_msgs_limit,
+                self._transport.pending_bytes_limit,
+                DROP_LOG_INTERVAL,
+            )
+        elif now - self._last_log >= DROP_LOG_INTERVAL:
+            log.warning(
+                "slow consumer on %s: %d more message(s) dropped in the last %.1f s "
+                "(%d in this burst so far)",
+                self._describe(),
+                self._burst - self._logged,
+                now - self._last_log,
+                self._burst,
+            )
+            self._last_log = now
+            self._logged = self._burst
+
+    def _end_drop_burst(self) -> None:
+        """Log the total of the current burst of drops, if it has more than one, and start
+        afresh. Called lazily: at the next drop after a quiet interval, on unsubscribe and
+        when the transport stops."""
+        if self._burst > 1:
+            log.warning(
+                "slow consumer on %s: burst over, %d message(s) dropped in all",
+                self._describe(),
+                self._burst,
+            )
+        self._burst = self._logged = 0
+
+    def _describe(self) -> str:
+        queue = f" (queue group {self.queue!r})" if self.queue else ""
+        return f"the subscription to {self.subject!r}{queue}"
 
 
 class NatsTransport:
@@ -136,7 +222,13 @@ class NatsTransport:
     ``error_cb``, ``disconnected_cb``, ``reconnected_cb`` and ``closed_cb`` may be passed too;
     they are called after happen's own handling. Each subscription may hold
     ``pending_msgs_limit`` messages or ``pending_bytes_limit`` bytes that its callback has not
-    taken yet; nats-py drops what arrives beyond, and the listener's ``on_dropped`` counts it.
+    taken yet; nats-py drops what arrives beyond. Each drop is reported to the listener's
+    ``on_dropped`` with the subscription :meth:`subscribe` returned, and counted in its
+    ``dropped``; the log tells of drops once per burst, not once per message.
+
+    While the connection is down and nats-py reconnects, :meth:`publish` and :meth:`subscribe`
+    raise :class:`TransportError` at once: nothing waits in nats-py's reconnect buffer to be
+    sent, late, after the outage.
 
     :meth:`start` fails fast: once every server has failed once (a refused connection, a
     timeout, an authorization error...), or after ``3 * connect_timeout`` seconds per server,
@@ -168,6 +260,8 @@ class NatsTransport:
         self._inbox_prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
         self._nc: Client | None = None
         self._listener: TransportListener | None = None
+        # nats-py's subscription -> the one subscribe() returned, to name it in on_dropped
+        self._subscriptions: dict[_NatsSubscription, NatsSubscription] = {}
         # new -> connecting -> connected -> stopping -> closed (or connecting -> closed)
         self._state = "new"
         self._closed_reported = False
@@ -264,15 +358,29 @@ class NatsTransport:
             raise TransportError(f"the NATS transport is {state}")
         return nc
 
+    def _connected_client(self, action: str) -> Client:
+        """The client, if its connection is up: while nats-py reconnects it would hold a
+        publish or a subscription in its reconnect buffer for the whole outage."""
+        nc = self._client()
+        if not nc.is_connected and not nc.is_closed:
+            raise TransportError(
+                f"cannot {action}: the connection to NATS is down (reconnecting); nothing was sent"
+            )
+        return nc
+
+    def _forget(self, subscription: NatsSubscription) -> None:
+        self._subscriptions.pop(subscription.nats_subscription, None)
+
     async def subscribe(
         self, subject: str, callback: MessageCallback, *, queue: str | None = None
     ) -> NatsSubscription:
         """Deliver messages on ``subject`` (wildcards allowed) to ``callback``, one at a time.
 
         With ``queue``, subscriptions of the same group share the messages. Raises
-        :class:`TransportError` for an invalid subject or a closed connection.
+        :class:`TransportError` for an invalid subject, a closed connection, or at once while
+        the connection is down and nats-py reconnects.
         """
-        nc = self._client()
+        nc = self._connected_client(f"subscribe to {subject!r}")
         if not inspect.iscoroutinefunction(callback):  # nats-py takes coroutine functions only
             callback = _as_coroutine_function(callback)
         try:
@@ -287,7 +395,9 @@ class NatsTransport:
             raise TransportError(f"invalid subject {subject!r} or queue {queue!r}") from None
         except nats.errors.Error as exc:
             raise TransportError(f"cannot subscribe to {subject!r}: {_describe(exc)}") from exc
-        return NatsSubscription(sub)
+        subscription = NatsSubscription(self, sub, subject, queue or None)
+        self._subscriptions[sub] = subscription
+        return subscription
 
     async def publish(
         self,
@@ -301,9 +411,10 @@ class NatsTransport:
 
         Raises :class:`PayloadTooLargeError` when data plus encoded headers exceed
         ``max_payload`` (nothing is sent), and :class:`TransportError` for a header with a line
-        break, an invalid subject or header name, or a closed connection.
+        break, an invalid subject or header name, a closed connection, or at once while the
+        connection is down and nats-py reconnects (nothing is sent, nothing is buffered).
         """
-        nc = self._client()
+        nc = self._connected_client(f"publish to {subject!r}")
         # nats-py checks whitespace only; an empty token shows as ".." once framed by dots.
         if "*" in subject or ">" in subject or ".." in f".{subject}.":
             raise TransportError(f"invalid subject {subject!r}: a wildcard or an empty token")
@@ -339,9 +450,12 @@ class NatsTransport:
                 # forever, while its connection is still in a state close() cleans up.
                 raise _ConnectAborted
         elif isinstance(error, nats.errors.SlowConsumerError):
-            # Reported by the subscription's subject (pattern): that names the subscriber.
-            log.debug("slow consumer on %r: message dropped", error.sub.subject)
-            self._notify("on_dropped", error.sub.subject, 1)
+            subscription = self._subscriptions.get(error.sub)
+            if subscription is None:  # unsubscribed meanwhile: nobody to count it for
+                log.debug("slow consumer on %r: message dropped", error.sub.subject)
+                return
+            subscription._record_drop(_clock())
+            self._notify("on_dropped", subscription, 1)
         elif isinstance(error, nats.errors.Error | OSError):  # OSError: a reconnect attempt
             level = logging.INFO if isinstance(error, OSError) else logging.WARNING
             log.log(level, "NATS connection: %s", _describe(error))
@@ -370,6 +484,9 @@ class NatsTransport:
     def _report_closed(self, error: BaseException | None) -> None:
         if not self._closed_reported:
             self._closed_reported = True
+            for subscription in self._subscriptions.values():
+                subscription._end_drop_burst()
+            self._subscriptions.clear()
             self._notify("on_closed", error)
 
     def _notify(self, method: str, *args: Any) -> None:
