@@ -41,7 +41,7 @@ __all__ = ["Call", "Caller", "Stream"]
 _FINAL = (p.Result, p.Failure, p.StreamEnd)
 
 
-def failure_to_error(frame: p.Failure, target: str) -> HappenError:
+def failure_to_error(frame: p.Failure, target: str, event_type: str | None = None) -> HappenError:
     """The exception a caller sees for a failure reply from node ``target``."""
     code = frame.code
     if code == p.HANDLER_ERROR:
@@ -49,11 +49,20 @@ def failure_to_error(frame: p.Failure, target: str) -> HappenError:
             f"handler on node {target!r} raised {frame.error_type}: {frame.message}",
             remote_type=frame.error_type,
             remote_message=frame.message,
+            node_id=target,
         )
     if code == p.QUEUE_FULL:
-        return QueueFullError(frame.message or f"node {target!r} queue is full")
+        return QueueFullError(
+            frame.message or f"node {target!r} queue is full",
+            node_id=target,
+            queued=frame.queued,
+        )
     if code == p.NO_HANDLER:
-        return NoHandlerError(frame.message or f"node {target!r} has no matching handler")
+        return NoHandlerError(
+            frame.message or f"node {target!r} has no matching handler",
+            node_id=target,
+            event_type=event_type,
+        )
     if code == p.TIMEOUT:
         return SendTimeout(frame.message or f"node {target!r} timed out")
     if code == p.BAD_REQUEST:
@@ -361,7 +370,9 @@ class Caller:
         if timeout is not None:
             if not timeout > 0:
                 raise ValueError(f"timeout must be positive seconds, not {timeout!r}")
-            timeout_ms = max(1, int(timeout * 1000))
+            # The node's deadline is a little earlier than the caller's, so that the node's
+            # own "timed out" answer (naming the handler) arrives before the caller gives up.
+            timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
         context = new_context(self._ids, sender)
         frame = p.Request(
             event_type, payload, context, priority, self.window, timeout_ms, self._system_id
@@ -397,13 +408,12 @@ class Caller:
         """``_open`` bounded by the call's timeout (``SendTimeout`` when it passes)."""
         if timeout is None:
             return await self._open(call, frame, data)
-        try:
-            with anyio.fail_after(timeout):
-                return await self._open(call, frame, data)
-        except TimeoutError:
-            raise SendTimeout(
-                f"no reply from node {call.target!r} to {frame.type!r} within {timeout} s"
-            ) from None
+        with anyio.move_on_after(timeout):
+            return await self._open(call, frame, data)
+        # (a SendTimeout the node answered, naming its handler, went through as it is)
+        raise SendTimeout(
+            f"no reply from node {call.target!r} to {frame.type!r} within {timeout} s"
+        )
 
     async def _open(self, call: Call, frame: p.Request, data: bytes) -> Any:
         """Publish a request; return its first reply (a Result or a StreamStart)."""
@@ -447,7 +457,7 @@ class Caller:
         if kind is p.Result:
             return first
         if kind is p.Failure:
-            raise failure_to_error(first, target)
+            raise failure_to_error(first, target, frame.type)
         if isinstance(first, BaseException):
             raise first
         raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")

@@ -6,6 +6,7 @@ __all__ = [
     "CodecError",
     "HandlerError",
     "HappenError",
+    "HostLostError",
     "InvalidConfigError",
     "InvalidIdError",
     "NoHandlerError",
@@ -37,32 +38,69 @@ class InvalidIdError(HappenError, ValueError):
 
 
 class NodeNotFoundError(HappenError):
-    """No node with the target id is running anywhere the transport reaches."""
+    """No node with the target id is running anywhere the transport reaches.
+
+    ``node_id`` is the target.
+    """
 
     __module__ = "happen"
+
+    def __init__(self, message: str, *, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id
 
 
 class NoHandlerError(HappenError):
-    """The target node exists but has no handler matching the event type."""
+    """The target node exists but has no handler matching the event type.
+
+    ``node_id`` and ``event_type`` say which.
+    """
 
     __module__ = "happen"
+
+    def __init__(
+        self, message: str, *, node_id: str | None = None, event_type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.event_type = event_type
 
 
 class QueueFullError(HappenError):
-    """The target node's queue is full; the event was rejected, not enqueued."""
+    """The target node's queue is full; the event was rejected, not enqueued.
+
+    ``node_id`` is the node and ``queued`` how many events its queue held (``None`` when
+    the node did not say).
+    """
 
     __module__ = "happen"
+
+    def __init__(
+        self, message: str, *, node_id: str | None = None, queued: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.queued = queued
 
 
 class HandlerError(HappenError):
-    """The handler raised; ``remote_type`` and ``remote_message`` describe its exception."""
+    """The handler raised; ``remote_type`` and ``remote_message`` describe its exception,
+    ``node_id`` names the node where it ran (``None`` when unknown)."""
 
     __module__ = "happen"
 
-    def __init__(self, message: str, *, remote_type: str, remote_message: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        remote_type: str,
+        remote_message: str,
+        node_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_message = remote_message
+        self.node_id = node_id
 
 
 class SendTimeout(HappenError, TimeoutError):
@@ -85,6 +123,13 @@ class CodecError(HappenError, ValueError):
 
 class TransportError(HappenError):
     """The transport failed: connection lost or closed, server unreachable, or misuse."""
+
+    __module__ = "happen"
+
+
+class HostLostError(TransportError):
+    """The host serving a call (or reading a stream) died or stopped answering: the call
+    ended within the system's ``liveness_timeout``."""
 
     __module__ = "happen"
 

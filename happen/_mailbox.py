@@ -103,6 +103,33 @@ class Mailbox(Generic[Item]):
     def under_pressure(self) -> bool:
         return self._pressure_at <= self.queued < self._limit
 
+    @property
+    def holds_senders(self) -> bool:
+        """Whether an event admitted now must have its acknowledgment withheld: the queue is
+        at or past the threshold (full included, so a sender following the rules stops
+        before it meets ``queue_full``). Never with a threshold of 1.0."""
+        return self._pressure_at < self._limit and self.queued >= self._pressure_at
+
+    def withdraw(self, item: Item) -> bool:
+        """Take a queued item out (its caller gave up): True if it was still queued."""
+        if self._priority:
+            for index, entry in enumerate(self._heap):
+                if entry[2] is item:
+                    self._heap[index] = self._heap[-1]
+                    self._heap.pop()
+                    heapq.heapify(self._heap)
+                    break
+            else:
+                return False
+        else:
+            try:
+                self._fifo.remove(item)
+            except ValueError:
+                return False
+        self.queued -= 1
+        self._wake_waiters()
+        return True
+
     def holds_local_senders(self) -> bool:
         """Whether a sender in this process must wait before publishing to this node.
 

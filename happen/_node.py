@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import logging
 from collections.abc import AsyncIterable, Callable
@@ -25,6 +26,8 @@ from happen._transport import Message, Subscription, Transport
 __all__ = ["Node"]
 
 log = logging.getLogger("happen")
+#: Handler failures, one record per failed execution, with the traceback.
+handler_log = logging.getLogger("happen.handlers")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +85,10 @@ class Node:
         self._cancels: Subscription | None = None  # the subscription to abandon frames
         self._syncing = False
         self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
+        self._deadlines: list[tuple[float, int, Work]] = []  # queued work with a deadline
+        self._deadline_seq = 0
+        self._deadline_wake: Any = None  # a signal while the watcher sleeps
+        self._watching = False
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
 
     def __repr__(self) -> str:
@@ -298,15 +305,19 @@ class Node:
         work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
         if reply:
             self._inflight[reply] = work
+        queued = mailbox.queued
         if not mailbox.offer(work, req.priority):
             if reply:
                 del self._inflight[reply]
             mailbox.rejected += 1
             if reply:
-                message = f"node {self.id!r} queue is full ({mailbox.queued} queued)"
-                await wire.reply(reply, p.Failure(p.QUEUE_FULL, message))
+                queued = mailbox.queued
+                message = f"node {self.id!r} queue is full ({queued} queued)"
+                await wire.reply(reply, p.Failure(p.QUEUE_FULL, message, queued=queued))
             return
-        if reply and req.origin != self._system_id and mailbox.under_pressure:
+        if deadline is not None and mailbox.queued > queued:
+            self._watch_deadline(work)
+        if reply and req.origin != self._system_id and mailbox.holds_senders:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
             await wire.reply(reply, p.Hold())
@@ -327,6 +338,10 @@ class Node:
         work.abandoned = True
         if work.scope is not None:
             work.scope.cancel()
+        elif self._mailbox.withdraw(work):  # still queued: its place is free at once
+            self._mailbox.failed += 1
+            self._inflight.pop(work.reply, None)
+            await self._wire.reply(work.reply, p.abandoned(self.id))
 
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
@@ -383,6 +398,44 @@ class Node:
         if entry is not None:
             self._broadcast_streams.remove(entry[0])
 
+    # ----- deadlines of queued events -------------------------------------------------
+
+    def _watch_deadline(self, work: Work) -> None:
+        assert work.deadline is not None
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (work.deadline, self._deadline_seq, work))
+        if self._deadlines[0][2] is work and self._deadline_wake is not None:
+            self._deadline_wake.set()  # earlier than the one the watcher sleeps for
+        if not self._watching:
+            self._watching = True
+            self._runtime.spawn(self._expire_deadlines)
+
+    async def _expire_deadlines(self) -> None:
+        """Answer ``timeout`` for queued events whose deadline passed, at the deadline."""
+        deadlines = self._deadlines
+        try:
+            while deadlines:
+                delay = deadlines[0][0] - anyio.current_time()
+                if delay > 0:
+                    self._deadline_wake = wake = self._runtime.signal()
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+                    self._deadline_wake = None
+                    continue
+                work = heapq.heappop(deadlines)[2]
+                if self._mailbox.withdraw(work):
+                    self._mailbox.failed += 1
+                    self._inflight.pop(work.reply, None)
+                    await self._reply(work, self._timed_out(work))
+        finally:
+            self._watching = False
+            self._deadline_wake = None
+
+    def _timed_out(self, work: Work) -> p.Failure:
+        return p.Failure(
+            p.TIMEOUT, f"handler for {work.event.type!r} on node {self.id!r} timed out"
+        )
+
     # ----- execution ----------------------------------------------------------------
 
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
@@ -391,10 +444,19 @@ class Node:
             self._inflight.pop(work.reply, None)
             await self._reply(work, p.abandoned(self.id))
             return
+        if work.deadline is not None and anyio.current_time() >= work.deadline:
+            self._mailbox.failed += 1  # never start a handler after its deadline
+            self._inflight.pop(work.reply, None)
+            await self._reply(work, self._timed_out(work))
+            return
         work.scope = scope
         token = current_event.set(work.event)
         try:
             await self._run_handler(work)
+        except Exception as exc:  # a bug of ours: never let it reach the task group
+            log.exception("node %r failed to run an event of type %r", self.id, work.event.type)
+            self._mailbox.failed += 1
+            await self._reply(work, p.handler_failure(exc))
         finally:
             work.scope = None
             if work.reply:
@@ -420,8 +482,7 @@ class Node:
                     result = await invoke(handler.fn, handler.kind, event, {}, limiter)
                 if scope.cancelled_caught:
                     mailbox.failed += 1
-                    message = f"handler for {event.type!r} on node {self.id!r} timed out"
-                    await self._reply(work, p.Failure(p.TIMEOUT, message))
+                    await self._reply(work, self._timed_out(work))
                     return
         except runtime.cancelled:
             mailbox.failed += 1
@@ -432,6 +493,13 @@ class Node:
             raise
         except Exception as exc:
             mailbox.failed += 1
+            handler_log.error(
+                "handler for %r on node %r raised %s",
+                event.type,
+                self.id,
+                type(exc).__name__,
+                exc_info=exc,
+            )
             await self._reply(work, p.handler_failure(exc))
             return
         if inspect.isasyncgen(result):

@@ -16,7 +16,7 @@ import anyio
 import anyio.lowlevel
 
 from happen import _wire as p
-from happen._errors import PayloadTooLargeError
+from happen._errors import CodecError, PayloadTooLargeError
 from happen._mailbox import Mailbox
 from happen._runtime import Runtime
 from happen._signal import Signal
@@ -24,6 +24,7 @@ from happen._signal import Signal
 __all__ = ["Producer", "produce", "pump"]
 
 log = logging.getLogger("happen")
+handler_log = logging.getLogger("happen.handlers")
 
 #: Items a generator may yield in a row before the pump lets the publisher run.
 BATCH_LIMIT = 64
@@ -130,17 +131,25 @@ async def pump(
             buffer.done = True
             buffer.notify()
 
+    failed_publish: Exception | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(generate)
         while True:
             if buffer.items:
                 items = buffer.items
                 buffer.items = []
-                await publish(items)
+                try:
+                    await publish(items)
+                except Exception as exc:  # raised as itself below, not as an ExceptionGroup
+                    failed_publish = exc
+                    tg.cancel_scope.cancel()
+                    break
             elif buffer.done:
                 break
             else:
                 await buffer.wait()
+    if failed_publish is not None:
+        raise failed_publish
     # A cancelled generator task also ends the loop above (its finally marks the buffer
     # done): make sure a cancellation is raised here, not mistaken for the end of the stream.
     await anyio.lowlevel.checkpoint_if_cancelled()
@@ -162,7 +171,9 @@ async def publish_items(wire: p.Wire, reply: str, items: list[Any]) -> None:
     frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
     try:
         await wire.publish(reply, frame)
-    except PayloadTooLargeError:
+    except (PayloadTooLargeError, CodecError):
+        # Too large, or one item cannot be encoded, or the batch's extra level of nesting
+        # is one too many: send the halves, down to the item that fails alone.
         if len(items) == 1:
             raise
         half = len(items) // 2
@@ -221,6 +232,9 @@ async def produce(
         return
     except Exception as exc:
         mailbox.failed += 1
+        handler_log.error(
+            "streaming handler on node %r raised %s", node_id, type(exc).__name__, exc_info=exc
+        )
         with anyio.CancelScope(shield=True):
             await aclose_quietly(agen)
             wire.forget(control)

@@ -87,6 +87,7 @@ class Failure(_Frame, tag="err"):
     code: str
     message: str = ""
     error_type: str = ""
+    queued: int | None = None  # with queue_full: how many events the node's queue held
 
 
 class Hold(_Frame, tag="hold"):
@@ -339,7 +340,8 @@ class Wire:
                 self.routes.pop(token, None)
                 route.feed(
                     NodeNotFoundError(
-                        f"no node {route.target!r} is running in namespace {self.namespace!r}"
+                        f"no node {route.target!r} is running in namespace {self.namespace!r}",
+                        node_id=route.target,
                     )
                 )
             return
