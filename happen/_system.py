@@ -6,11 +6,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
 import anyio
+import msgspec
 
 from happen._broadcast import LocalBroadcastStreams
 from happen._calls import Caller
@@ -27,7 +29,7 @@ from happen._ids import validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._node import Node
 from happen._runtime import Runtime
-from happen._transport import Subscription, Transport
+from happen._transport import Message, Subscription, Transport
 from happen._wire import Wire
 
 __all__ = ["System"]
@@ -165,6 +167,7 @@ class System:
             await transport.start()
             self._transport = transport
             await self._wire.attach(transport)
+            await transport.subscribe(f"{self.namespace}.stats", self._answer_stats)
             runtime.state = "running"
             runtime.accepting = True
             for node in list(self._nodes.values()):
@@ -316,6 +319,24 @@ class System:
     def stats(self) -> dict[str, NodeStats]:
         """A snapshot of every node's stats, by node id."""
         return {node_id: node.stats() for node_id, node in self._nodes.items()}
+
+    async def _answer_stats(self, msg: Message) -> None:
+        """Answer a stats query (``happen stats``): this system's nodes and their counters,
+        as JSON, whatever the codec (documented in docs/PROTOCOL.md)."""
+        if not msg.reply or self._transport is None:
+            return
+        report = {
+            "system": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "nodes": {
+                node_id: msgspec.structs.asdict(stats) for node_id, stats in self.stats().items()
+            },
+        }
+        try:
+            await self._transport.publish(msg.reply, msgspec.json.encode(report))
+        except Exception as exc:  # too many nodes for one frame, or the connection is gone
+            log.warning("could not answer a stats query: %s", exc)
 
     def _local_mailbox(self, node_id: str) -> Mailbox[Any] | None:
         return self._mailboxes.get(node_id)

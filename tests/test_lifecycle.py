@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 import happen
-from tests.helpers import eventually, make_system
+from happen._transport import Message, Transport
+from tests.helpers import eventually, make_system, unique_namespace
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +151,36 @@ def test_package_layout() -> None:
     assert callable(nats.from_url)
     for module in root.glob("*.py"):
         assert "import nats" not in module.read_text(), module.name
+
+
+async def test_every_system_answers_a_stats_query_with_its_nodes(
+    make_transport: Callable[[], Transport],
+) -> None:
+    """The query ``happen stats`` sends: one JSON answer per system of the namespace."""
+    ns = unique_namespace()
+    first = happen.System(transport=make_transport(), namespace=ns)
+    second = happen.System(transport=make_transport(), namespace=ns)
+    first.create_node("orders").on("x", lambda e, c: 1)
+    second.create_node("orders").on("x", lambda e, c: 1)
+    second.create_node("billing")
+    raw = make_transport()
+    answers: list[dict[str, Any]] = []
+
+    async def collect(msg: Message) -> None:
+        answers.append(msgspec.json.decode(msg.data))
+
+    async with first, second:
+        await first.ready()
+        await second.ready()
+        await first.create_node("client").send("orders", {"type": "x"})
+        await raw.start()
+        inbox = raw.new_inbox()
+        await raw.subscribe(inbox, collect)
+        await raw.publish(f"{ns}.stats", b"{}", reply=inbox)
+        await eventually(lambda: len(answers) == 2)
+    by_system = {a["system"]: a for a in answers}
+    assert set(by_system) == {first.id, second.id}
+    assert set(by_system[second.id]["nodes"]) == {"orders", "billing"}
+    orders = [by_system[s.id]["nodes"]["orders"] for s in (first, second)]
+    assert sum(o["completed"] for o in orders) == 1
+    assert all(isinstance(a["pid"], int) and a["host"] for a in answers)
