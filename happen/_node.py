@@ -67,8 +67,10 @@ class Node:
         ids: IdGenerator,
         broadcast_streams: LocalBroadcastStreams,
         idle_timeout: float,
+        handlers_changed: Callable[[], None],
     ) -> None:
         self.id = node_id
+        self._handlers_changed = handlers_changed
         self._system_id = system_id
         self._wire = wire
         self._caller = caller
@@ -129,12 +131,14 @@ class Node:
 
         def unregister() -> None:
             if self._handlers.remove(entry):
+                self._handlers_changed()
                 self.sync_subscriptions()
 
         return unregister
 
     def _add(self, handler: Handler) -> None:
         self._handlers.add(handler)
+        self._handlers_changed()
         self.sync_subscriptions()
 
     def hears(self, event_type: str) -> bool:

@@ -102,6 +102,7 @@ class System:
         self._ids = IdGenerator()
         self._nodes: dict[str, Node] = {}
         self._mailboxes: dict[str, Mailbox[Any]] = {}
+        self._listeners: dict[str, list[Mailbox[Any]]] = {}  # by broadcast event type
         self._runtime = Runtime(worker_threads=self._threads)
         self._wire = Wire(self._codec, namespace)
         self._broadcast_streams = LocalBroadcastStreams()
@@ -306,6 +307,7 @@ class System:
             ids=self._ids,
             broadcast_streams=self._broadcast_streams,
             idle_timeout=self._idle_timeout,
+            handlers_changed=self._handlers_changed,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox
@@ -342,11 +344,19 @@ class System:
         return self._mailboxes.get(node_id)
 
     def _local_listeners(self, event_type: str) -> list[Mailbox[Any]]:
-        return [
-            self._mailboxes[node_id]
-            for node_id, node in self._nodes.items()
-            if node.hears(event_type)
-        ]
+        listeners = self._listeners.get(event_type)
+        if listeners is None:
+            if len(self._listeners) > 4096:
+                self._listeners.clear()
+            listeners = self._listeners[event_type] = [
+                self._mailboxes[node_id]
+                for node_id, node in self._nodes.items()
+                if node.hears(event_type)
+            ]
+        return listeners
+
+    def _handlers_changed(self) -> None:
+        self._listeners.clear()
 
 
 class _ConnectionEvents:
