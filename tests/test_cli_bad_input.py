@@ -47,6 +47,11 @@ CASES = {
         {},
         f"could not connect to NATS at {UNREACHABLE}",
     ),
+    "unreachable server (stats)": (
+        ["stats", "--transport", UNREACHABLE],
+        {},
+        f"could not connect to NATS at {UNREACHABLE}",
+    ),
     "payload that is not JSON": (
         ["send", "svc", "echo", "{'a': 1}", "--transport", UNREACHABLE],
         {},
@@ -68,6 +73,7 @@ CASES = {
         {},
         "send needs a NATS transport",
     ),
+    "stats on the memory transport": (["stats"], {}, "stats needs a NATS transport"),
     "option a System configured in code cannot take": (
         ["run", "app:system", "--transport", UNREACHABLE],
         {},

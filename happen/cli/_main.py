@@ -20,12 +20,13 @@ from happen.cli._run import run
 from happen.cli._send import send
 from happen.cli._server import server
 from happen.cli._settings import CODEC, LOG_LEVEL, NAMESPACE, SETTINGS, TRANSPORT, WORKERS, Setting
+from happen.cli._stats import stats
 
 __all__ = ["build_parser", "main"]
 
 Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
-COMMANDS: dict[str, Command] = {"run": run, "send": send, "server": server}
+COMMANDS: dict[str, Command] = {"run": run, "send": send, "stats": stats, "server": server}
 
 ENVIRONMENT_HELP = "settings also come from the environment (the command line wins):\n" + "\n".join(
     f"  {setting.env:<18} {setting.option} (default: {setting.default})" for setting in SETTINGS
@@ -101,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for setting in (TRANSPORT, NAMESPACE, CODEC):
         _add(send_, setting)
+
+    stats_ = commands.add_parser(
+        "stats",
+        help="show every node of a namespace with its counters",
+        description=_paragraph(
+            "Ask every system of the namespace for its nodes' counters and print a "
+            "table, one row per node per system. Exit code 1 when no system answers."
+        ),
+    )
+    stats_.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    stats_.add_argument(
+        "--wait", type=float, default=0.5, metavar="S", help="seconds to collect replies (0.5)"
+    )
+    stats_.add_argument("--json", action="store_true", help="one JSON line per system instead")
+    for setting in (TRANSPORT, NAMESPACE):
+        _add(stats_, setting)
 
     server_ = commands.add_parser(
         "server",
