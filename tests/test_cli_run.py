@@ -172,7 +172,7 @@ def test_a_system_configured_in_code_does_not_take_the_environment_and_says_so(
     env = command_env(APP_TRANSPORT=url, APP_NAMESPACE=ns, HAPPEN_NAMESPACE="other")
     with Command("run", "app:system", cwd=app_dir, env=env) as run:
         serving(run)
-        run.stderr.wait_for("HAPPEN_NAMESPACE is not used: app:system is a System configured")
+        run.stderr.wait_for("HAPPEN_NAMESPACE is not applied: app:system is a System configured")
         run.stderr.wait_for(f"namespace '{ns}'")
         run.signal(signal.SIGTERM)
         assert run.wait() == 0

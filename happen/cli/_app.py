@@ -92,8 +92,8 @@ class Application:
 
         A System configured in code keeps its own transport, codec and namespace (the core
         cannot tell a setting given in code from its default): a command-line option that
-        would change one raises ``CommandError``; an environment variable is not used, and a
-        notice says so.
+        would change one raises ``CommandError``; an environment variable is not applied, and
+        a notice says so.
         """
         system = self.system
         if system is None:
@@ -113,7 +113,8 @@ class Application:
                 )
             if setting.source is Source.ENVIRONMENT and differs:
                 notices.append(
-                    f"{setting.given} is not used: {self.target} is a System configured in code"
+                    f"{setting.given} is not applied: {self.target} is a System configured in "
+                    f"code, which keeps its own settings"
                 )
         return notices
 
