@@ -6,6 +6,7 @@ signals; ``happen send`` in another subprocess, or a System in the test, is the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 from collections import Counter
@@ -211,3 +212,20 @@ def test_a_setup_function_that_raises_shows_its_traceback_and_exits_1(tmp_path: 
     assert done.stderr.splitlines()[-1] == (
         "happen: fails:setup(system) raised KeyError('no such setting')"
     )
+
+
+def test_the_service_example_serves_under_happen_run(nats_server: NatsServer) -> None:
+    example = Path(__file__).parent.parent / "examples" / "service"
+    env = command_env(HAPPEN_TRANSPORT=nats_server.start().url, HAPPEN_NAMESPACE=unique_namespace())
+    with Command("run", "app:setup", "--workers", "2", cwd=example, env=env) as run:
+        serving(run, count=2)
+        total = run_command("send", "reports", "total", "[3, 4, 5]", cwd=example, env=env)
+        assert (total.returncode, total.stdout) == (0, "12\n"), total.stderr
+        build = run_command("send", "reports", "build", '{"pages": 2}', cwd=example, env=env)
+        assert build.returncode == 0, build.stderr
+        assert [json.loads(line) for line in build.stdout.splitlines()][:2] == [
+            {"progress": 0.5, "message": "page 1 of 2"},
+            {"progress": 1.0, "message": "page 2 of 2"},
+        ]
+        run.signal(signal.SIGINT)
+        assert run.wait() == 0, run.stderr.text()
