@@ -1,11 +1,15 @@
-"""Exit codes of the ``happen`` command, and the error that ends it with one line."""
+"""Exit codes of the ``happen`` command, the error that ends it with one line, and the
+signals that stop it."""
 
 from __future__ import annotations
+
+import signal
 
 __all__ = [
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
+    "STOP_SIGNALS",
     "ApplicationError",
     "CommandError",
     "signal_exit_code",
@@ -18,6 +22,9 @@ EXIT_FAILED = 1
 #: The command could not start: bad arguments or settings, an unknown module or attribute,
 #: a bad transport URL, payload JSON that does not parse, a server that cannot be reached.
 EXIT_USAGE = 2
+
+#: The signals that stop a command: serving drains, a call is cancelled, a watch ends.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class CommandError(Exception):

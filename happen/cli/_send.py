@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -17,14 +16,19 @@ import anyio
 import msgspec
 
 import happen
-from happen.cli._exit import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, signal_exit_code
+from happen.cli._exit import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    STOP_SIGNALS,
+    CommandError,
+    signal_exit_code,
+)
 from happen.cli._jsonline import write_line
 from happen.cli._progress import ProgressLine
-from happen.cli._settings import CODEC, NAMESPACE, TRANSPORT, TransportKind, transport_kind
+from happen.cli._settings import CODEC, NAMESPACE, TRANSPORT, require_nats
 
 __all__ = ["parse_payload", "send"]
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def parse_payload(raw: str | None) -> Any:
@@ -52,17 +56,11 @@ def send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     namespace = NAMESPACE.resolve(args.namespace, environ)
     codec = CODEC.resolve(args.codec, environ)
     payload = parse_payload(args.payload)
-    if transport_kind(transport.value) is TransportKind.MEMORY:
-        raise CommandError(
-            f"send needs a NATS transport: on 'memory' it reaches only nodes in its own "
-            f"process; pass --transport nats://host:port or set {TRANSPORT.env}"
-        )
+    url = require_nats(transport, "send")
     if args.timeout is not None and not args.timeout > 0:
         raise CommandError(f"--timeout must be positive seconds, not {args.timeout}")
     try:
-        system = happen.System(
-            transport=transport.value, namespace=namespace.value, codec=codec.value
-        )
+        system = happen.System(transport=url, namespace=namespace.value, codec=codec.value)
     except happen.HappenError as exc:
         raise CommandError(str(exc)) from None
     event = {"type": args.type, "payload": payload}

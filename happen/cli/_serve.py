@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator
 import anyio
 
 import happen
-from happen.cli._exit import signal_exit_code
+from happen.cli._exit import STOP_SIGNALS, signal_exit_code
 
 __all__ = ["serve"]
 
 log = logging.getLogger("happen.cli")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: How often a worker checks that its supervisor is still there, in seconds.
 SUPERVISOR_CHECK = 0.5
 

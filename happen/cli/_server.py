@@ -20,13 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
-from happen.cli._exit import CommandError
+from happen.cli._exit import STOP_SIGNALS, CommandError
 
 __all__ = ["find_nats_server", "server"]
 
 #: Seconds to wait for the server to accept connections before saying it is ready.
 READY_TIMEOUT = 10.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def find_nats_server() -> str | None:

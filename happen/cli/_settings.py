@@ -30,6 +30,7 @@ __all__ = [
     "Source",
     "TransportKind",
     "log_level",
+    "require_nats",
     "transport_kind",
 ]
 
@@ -74,11 +75,6 @@ class Setting(Generic[T]):
         self.default = default
         self.help = help
 
-    @property
-    def dest(self) -> str:
-        """The attribute argparse stores the option under."""
-        return self.option.lstrip("-").replace("-", "_")
-
     def resolve(self, given: str | None, environ: Mapping[str, str]) -> Resolved[T]:
         """The command line's ``given`` value if any, else the environment's, else the default.
 
@@ -106,6 +102,17 @@ _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 def transport_kind(url: str) -> TransportKind:
     """The kind of a transport URL the parser accepted."""
     return TransportKind.MEMORY if url in ("memory", "memory://") else TransportKind.NATS
+
+
+def require_nats(transport: Resolved[str], command: str) -> str:
+    """The NATS URL ``command`` talks to another process through; ``CommandError`` for the
+    memory transport, which reaches nothing outside this process."""
+    if transport_kind(transport.value) is TransportKind.MEMORY:
+        raise CommandError(
+            f"{command} needs a NATS transport: on 'memory' it reaches nothing outside its "
+            f"own process; pass --transport nats://host:port or set {TRANSPORT.env}"
+        )
+    return transport.value
 
 
 def _transport(raw: str, name: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -23,13 +22,12 @@ import anyio
 import msgspec
 
 import happen
-from happen.cli._exit import EXIT_FAILED, EXIT_OK, CommandError
+from happen.cli._exit import EXIT_FAILED, EXIT_OK, STOP_SIGNALS, CommandError
 from happen.cli._jsonline import write_line
-from happen.cli._settings import NAMESPACE, TRANSPORT, TransportKind, transport_kind
+from happen.cli._settings import NAMESPACE, TRANSPORT, require_nats
 
 __all__ = ["StatsReply", "collect", "render_table", "stats"]
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Seconds between two refreshes of ``--watch``.
 WATCH_INTERVAL = 1.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -166,14 +164,10 @@ def stats(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """
     transport = TRANSPORT.resolve(args.transport, environ)
     namespace = NAMESPACE.resolve(args.namespace, environ)
-    if transport_kind(transport.value) is TransportKind.MEMORY:
-        raise CommandError(
-            f"stats needs a NATS transport: on 'memory' there is nobody else to ask; "
-            f"pass --transport nats://host:port or set {TRANSPORT.env}"
-        )
+    url = require_nats(transport, "stats")
     if not args.wait > 0:
         raise CommandError(f"--wait must be positive seconds, not {args.wait}")
-    return anyio.run(_stats, transport.value, namespace.value, args)
+    return anyio.run(_stats, url, namespace.value, args)
 
 
 async def _stats(url: str, namespace: str, args: argparse.Namespace) -> int:

@@ -17,13 +17,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import anyio
 from anyio.abc import Process
 
-from happen.cli._exit import EXIT_FAILED, EXIT_OK, signal_exit_code
+from happen.cli._exit import EXIT_FAILED, EXIT_OK, STOP_SIGNALS, signal_exit_code
 
 __all__ = ["supervise"]
 
 log = logging.getLogger("happen.cli")
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 async def supervise(command: Sequence[str], count: int, env: Mapping[str, str]) -> int:
