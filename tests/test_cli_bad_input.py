@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.commands import command_env, run_command
+from tests.commands import WAIT, command_env, run_command
 
 APP = Path(__file__).with_name("cli_app.py")
 UNREACHABLE = "nats://127.0.0.1:1"  # nothing listens on port 1: refused at once
@@ -93,3 +95,21 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(case: str, tmp_path: Pa
     assert "Traceback" not in done.stderr
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert message in done.stderr
+
+
+def test_the_installed_script_is_the_same_command(tmp_path: Path) -> None:
+    script = shutil.which("happen", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("happen is not installed in this environment (pip install -e .)")
+    done = subprocess.run(
+        [script, "run", "nowhere:setup"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        timeout=WAIT,
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr == f"happen: no module named 'nowhere' (looked in {tmp_path} and on sys.path)\n"
+    )
