@@ -26,13 +26,15 @@ SUPERVISOR_CHECK = 0.5
 
 
 async def serve(system: happen.System, *, label: str, supervisor_pid: int | None) -> None:
-    """Start ``system``, log ``label`` once it serves, and stop it (draining) on a signal.
+    """Start ``system``, log ``label`` once its nodes are reachable from other processes,
+    and stop it (draining) on a signal.
 
     Raises what ``system.start()`` raises (``TransportError`` for a server that cannot be
     reached). Returns once the system has stopped.
     """
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with system:
+            await system.ready()  # reachable from other processes before saying so
             nodes = ", ".join(system.stats()) or "none"
             log.info("serving %s (pid %d): nodes %s", label, os.getpid(), nodes)
             reason = await _stop_requested(signals, supervisor_pid)
