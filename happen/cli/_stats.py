@@ -12,7 +12,6 @@ within ``--wait`` seconds and prints one table row per node per system.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections.abc import Mapping
@@ -171,9 +170,9 @@ def stats(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 async def _stats(url: str, namespace: str, args: argparse.Namespace) -> int:
-    # Resolved as the core resolves a URL; nats-py loads only for this command.
-    nats: Any = importlib.import_module("happen.transports.nats")
-    transport: happen.Transport = nats.from_url(url)
+    from happen.transports.nats import from_url  # nats-py loads only for this command
+
+    transport = from_url(url)
     try:
         await transport.start()
     except happen.HappenError as exc:
