@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"happen: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:  # before a command installed its own signal handling
-        return signal_exit_code(2)
+        return signal_exit_code(signal.SIGINT)
     except BrokenPipeError:  # stdout's reader went away; say nothing more to it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
