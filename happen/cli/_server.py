@@ -8,6 +8,7 @@ code once it has stopped.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import shutil
 import signal
@@ -26,6 +27,7 @@ __all__ = ["find_nats_server", "server"]
 
 #: Seconds to wait for the server to accept connections before saying it is ready.
 READY_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def find_nats_server() -> str | None:
@@ -63,6 +65,13 @@ def server(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec: have Linux send it SIGTERM when we die, so a
+    ``kill -9`` of the command does not leave a server holding the port."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _run_server(command: list[str], ports_dir: Path, store: Path, *, kept: bool) -> int:
     process: subprocess.Popen[bytes] | None = None
     received: list[int] = []
@@ -75,13 +84,21 @@ def _run_server(command: list[str], ports_dir: Path, store: Path, *, kept: bool)
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
         # A group of its own: a Ctrl-C in the terminal reaches it once, through us.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, process_group=0)
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            process_group=0,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         for signum in received:  # arrived before it started
             process.send_signal(signum)
         url = _wait_ready(process, ports_dir)
         if url is not None:
             where = f"JetStream store: {store}" + ("" if kept else ", removed on exit")
-            _say(f"nats-server ready at {url} ({where}); export HAPPEN_TRANSPORT={url}")
+            _say(
+                f"nats-server (pid {process.pid}) ready at {url} ({where}); "
+                f"export HAPPEN_TRANSPORT={url}"
+            )
         elif process.poll() is None:
             _say(f"nats-server did not accept connections within {READY_TIMEOUT:g} s")
         return process.wait()
