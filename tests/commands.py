@@ -97,8 +97,8 @@ class Output:
 
 
 class Command:
-    """``happen args...`` running in the background; a context manager that kills it if
-    the test leaves it running."""
+    """``happen args...`` running in the background; a context manager that stops it if
+    the test leaves it running (SIGTERM, so it stops what it started; SIGKILL after 5 s)."""
 
     def __init__(
         self,
@@ -143,9 +143,13 @@ class Command:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:  # the test failed midway: stop it, then its children
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def serving(command: Command, count: int = 1) -> list[int]:
