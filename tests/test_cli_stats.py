@@ -1,8 +1,8 @@
 """``happen stats``: every node of a namespace, on every host, with its counters.
 
-Each System answers a request on ``{namespace}.stats`` with one JSON reply. Until the core's
-responder lands, stand-in responders (raw subscribers answering in that shape) check the
-command's side; the test against a real ``happen run`` is marked xfail.
+Each System answers a request on ``{namespace}.stats`` with one JSON reply. Stand-in
+responders (raw subscribers answering in that shape) check the command's edge cases; the last
+test reads a real ``happen run``.
 """
 
 from __future__ import annotations
@@ -146,7 +146,6 @@ def test_the_table_lines_up_its_columns() -> None:
     assert lines[1].split()[:3] == ["a-long-node-name", "b/22222", "3"]
 
 
-@pytest.mark.xfail(strict=True, reason="core stats responder not landed")
 def test_stats_shows_the_nodes_of_a_served_application(
     tmp_path: Path, nats_server: NatsServer
 ) -> None:
