@@ -4,26 +4,58 @@ It moves bytes between subjects exactly as NATS would (``*`` and ``>`` wildcards
 groups, the "no responders" status for a request nobody hears, a ``max_payload`` limit on the
 whole frame), so code that works here works over NATS. Subscription callbacks run inline,
 in the publisher's task, one after another; the core's callbacks never block.
+
+Its broker also keeps durable logs and key-value buckets as JetStream does (dedup window,
+consumers with ack deadlines, redelivery, max_deliver, discard-new bounds; revisions and
+tombstones), in the process: nothing survives it. Time is the event loop's clock
+(``anyio.current_time()``); deadlines are checked when a consumer fetches, so no task runs
+in the background.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import anyio
 
 from happen._errors import PayloadTooLargeError, TransportError
 from happen._transport import (
+    KV_HEADROOM,
+    MSG_ID_HEADER,
     NO_RESPONDERS,
     STATUS_HEADER,
+    Appended,
+    ConsumerSettings,
+    Delivery,
+    DurableTransport,
+    Entry,
+    LogFullError,
+    LogSettings,
     MessageCallback,
+    Retention,
+    RevisionMismatch,
     TransportListener,
+    check_append,
+    check_expect,
+    check_name,
+    check_subject,
+    escape_key,
 )
 
-__all__ = ["MemoryBroker", "MemoryTransport", "from_url"]
+__all__ = [
+    "MemoryBroker",
+    "MemoryConsumer",
+    "MemoryDelivery",
+    "MemoryKeyValue",
+    "MemoryLog",
+    "MemoryTransport",
+    "from_url",
+]
 
 log = logging.getLogger("happen.transports.memory")
 
@@ -116,6 +148,9 @@ class MemoryBroker:
     """
 
     def __init__(self) -> None:
+        #: Durable logs and key-value buckets by name (see MemoryTransport.durable_log).
+        self.logs: dict[str, LogState] = {}
+        self.buckets: dict[str, BucketState] = {}
         self.subs: list[MemorySubscription] = []
         self.routes: dict[str, list[list[MemorySubscription]]] = {}
         self.rr = itertools.count()
@@ -168,8 +203,37 @@ class MemoryTransport:
         self._closed = True
         for sub in [sub for sub in self._subs if sub._transport is self]:
             self._remove(sub)
+        for log_state in self.broker.logs.values():
+            log_state.notify()  # a fetch of this transport waiting there raises at once
         if self._listener is not None:
             self._listener.on_closed(None)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._closed
+
+    async def durable_log(self, name: str, settings: LogSettings | None = None) -> MemoryLog:
+        """The broker's log ``name``, created with ``settings`` or updated to them (see
+        :class:`happen._transport.DurableTransport`)."""
+        self._check_open()
+        check_name("log", name)
+        settings = settings if settings is not None else LogSettings()
+        state = self.broker.logs.get(name)
+        if state is None:
+            state = self.broker.logs[name] = LogState(name, settings)
+        else:
+            state.reconfigure(settings)
+        return MemoryLog(self, state)
+
+    async def key_value(self, bucket: str) -> MemoryKeyValue:
+        """The broker's bucket ``bucket``, created if it does not exist."""
+        self._check_open()
+        check_name("bucket", bucket)
+        state = self.broker.buckets.get(bucket)
+        if state is None:
+            state = self.broker.buckets[bucket] = BucketState(bucket)
+        return MemoryKeyValue(self, state)
 
     def new_inbox(self) -> str:
         return f"_INBOX.mem{id(self):x}.{next(self._inbox_ids)}"
@@ -218,6 +282,10 @@ class MemoryTransport:
                 self._routes.clear()
             self._routes[subject] = route
         return route
+
+    def check_open(self) -> None:
+        """Raise :class:`TransportError` unless started and not stopped."""
+        self._check_open()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -277,8 +345,490 @@ class MemoryTransport:
             log.exception("subscription callback for %r raised", sub.pattern)
 
 
+# --- Durable logs ------------------------------------------------------------------------------
+
+
+def _subject_matches(pattern: list[str], subject: list[str]) -> bool:
+    """Whether the subject tokens match the pattern tokens (``*``, a final ``>``)."""
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(subject) > i
+        if i >= len(subject) or (token != "*" and token != subject[i]):
+            return False
+    return len(pattern) == len(subject)
+
+
+def _subjects_collide(a: list[str], b: list[str]) -> bool:
+    """Whether some subject matches both patterns."""
+    for i in range(max(len(a), len(b))):
+        x = a[i] if i < len(a) else None
+        y = b[i] if i < len(b) else None
+        if x is None or y is None:
+            return False
+        if x == ">" or y == ">":
+            return True
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
+
+
+class StoredMessage:
+    """A message kept in a log, and the consumers that have yet to settle it."""
+
+    __slots__ = ("data", "headers", "msg_id", "needed_by", "seq", "subject", "tokens")
+
+    def __init__(
+        self, seq: int, subject: str, data: bytes, headers: dict[str, str] | None, msg_id: str
+    ) -> None:
+        self.seq = seq
+        self.subject = subject
+        self.tokens = subject.split(".")
+        self.data = data
+        self.headers = headers
+        self.msg_id = msg_id
+        self.needed_by: set[str] = set()
+
+
+class PendingDelivery:
+    """A delivered, unsettled message of a consumer: how often it was delivered, and when
+    it becomes due for redelivery (ack_wait, or a nak's delay)."""
+
+    __slots__ = ("delivered", "due")
+
+    def __init__(self, delivered: int, due: float) -> None:
+        self.delivered = delivered
+        self.due = due
+
+
+class ConsumerState:
+    """A durable consumer of a log (JetStream: a pull consumer's state on the server).
+
+    ``cursor`` is the next log sequence to deliver for the first time (it only moves
+    forward); ``pending`` holds the delivered, unsettled messages; ``undelivered`` counts
+    the stored messages at or after the cursor that the consumer has yet to settle.
+    """
+
+    def __init__(self, name: str, settings: ConsumerSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.patterns = [subject.split(".") for subject in settings.subjects]
+        self.cursor = 1
+        self.pending: dict[int, PendingDelivery] = {}
+        self.undelivered = 0
+
+    def matches(self, tokens: list[str]) -> bool:
+        return any(_subject_matches(pattern, tokens) for pattern in self.patterns)
+
+
+class LogState:
+    """A durable log in a broker: its messages, dedup map and consumers (JetStream: a stream).
+
+    Every method runs without awaiting, so each is atomic among the broker's users.
+    """
+
+    def __init__(self, name: str, settings: LogSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.messages: dict[int, StoredMessage] = {}
+        self.last_seq = 0
+        # dedup: id -> (sequence, forgotten at), and the ids in the order they expire
+        self.ids: dict[str, tuple[int, float]] = {}
+        self.id_expiry: collections.deque[tuple[float, str]] = collections.deque()
+        self.consumers: dict[str, ConsumerState] = {}
+        self._changed: anyio.Event | None = None
+
+    def reconfigure(self, settings: LogSettings) -> None:
+        if settings.retention is not self.settings.retention:
+            raise TransportError(
+                f"durable log {self.name!r} has retention {self.settings.retention.value}; "
+                f"it cannot change to {settings.retention.value}"
+            )
+        self.settings = settings
+
+    # waiting for something to deliver
+    def notify(self) -> None:
+        """Wake every fetch waiting on this log (something may have become deliverable)."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def changed(self) -> anyio.Event:
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    # appending
+    def append(
+        self, subject: str, data: bytes, msg_id: str, headers: dict[str, str] | None
+    ) -> Appended:
+        now = anyio.current_time()
+        while self.id_expiry and self.id_expiry[0][0] <= now:
+            expires, old = self.id_expiry.popleft()
+            if self.ids.get(old, (0, 0.0))[1] == expires:
+                del self.ids[old]
+        known = self.ids.get(msg_id)
+        if known is not None:
+            return Appended(seq=known[0], duplicate=True)
+        limit = self.settings.max_msgs
+        if limit is not None and len(self.messages) >= limit:
+            raise LogFullError(self.name, limit)
+        self.last_seq += 1
+        seq = self.last_seq
+        expires = now + self.settings.dedup_window
+        self.ids[msg_id] = (seq, expires)
+        self.id_expiry.append((expires, msg_id))
+        message = StoredMessage(seq, subject, data, headers, msg_id)
+        for consumer in self.consumers.values():
+            if consumer.matches(message.tokens):
+                message.needed_by.add(consumer.name)
+                consumer.undelivered += 1
+        if message.needed_by or self.settings.retention is Retention.WORK_QUEUE:
+            self.messages[seq] = message  # an interest log keeps only what someone reads
+            self.notify()
+        return Appended(seq=seq, duplicate=False)
+
+    # consumers
+    def consumer(self, name: str, settings: ConsumerSettings) -> ConsumerState:
+        if self.settings.retention is Retention.WORK_QUEUE:
+            self._check_no_overlap(name, settings)
+        state = self.consumers.get(name)
+        if state is None:
+            state = self.consumers[name] = ConsumerState(name, settings)
+            if self.messages:
+                state.cursor = next(iter(self.messages))
+            self._claim(state)
+        elif settings != state.settings:
+            old_subjects = state.settings.subjects
+            state.settings = settings
+            state.patterns = [subject.split(".") for subject in settings.subjects]
+            if settings.subjects != old_subjects:
+                self._claim(state)
+        self.notify()
+        return state
+
+    def _check_no_overlap(self, name: str, settings: ConsumerSettings) -> None:
+        mine = [subject.split(".") for subject in settings.subjects]
+        for other in self.consumers.values():
+            if other.name != name and any(
+                _subjects_collide(a, b) for a in mine for b in other.patterns
+            ):
+                raise TransportError(
+                    f"consumer {name!r} overlaps consumer {other.name!r} on work-queue log "
+                    f"{self.name!r}: each subject of a work-queue log has one consumer"
+                )
+
+    def _claim(self, consumer: ConsumerState) -> None:
+        """(Re)compute which stored, not yet delivered messages the consumer must settle."""
+        consumer.undelivered = 0
+        for message in list(self.messages.values()):
+            if message.seq < consumer.cursor or message.seq in consumer.pending:
+                continue
+            if consumer.matches(message.tokens):
+                message.needed_by.add(consumer.name)
+                consumer.undelivered += 1
+            elif consumer.name in message.needed_by:
+                self._release(message, consumer.name)
+
+    def _release(self, message: StoredMessage, consumer: str) -> None:
+        message.needed_by.discard(consumer)
+        if not message.needed_by:
+            del self.messages[message.seq]
+
+    # delivering
+    def take(self, consumer: ConsumerState, n: int, now: float) -> list[tuple[StoredMessage, int]]:
+        """Up to ``n`` messages to deliver now, with their delivery counts: due
+        redeliveries first, then new messages; ``[]`` when none."""
+        taken: list[tuple[StoredMessage, int]] = []
+        settings = consumer.settings
+        for seq in sorted(s for s, p in consumer.pending.items() if p.due <= now):
+            if len(taken) == n:
+                return taken
+            pending = consumer.pending[seq]
+            message = self.messages.get(seq)
+            if message is None or consumer.name not in message.needed_by:
+                del consumer.pending[seq]
+            elif settings.max_deliver is not None and pending.delivered >= settings.max_deliver:
+                del consumer.pending[seq]  # stays stored and unsettled, as on JetStream
+            else:
+                pending.delivered += 1
+                pending.due = now + settings.ack_wait
+                taken.append((message, pending.delivered))
+        while len(taken) < n and consumer.cursor <= self.last_seq:
+            message = self.messages.get(consumer.cursor)
+            consumer.cursor += 1
+            if message is not None and consumer.name in message.needed_by:
+                consumer.undelivered -= 1
+                consumer.pending[message.seq] = PendingDelivery(1, now + settings.ack_wait)
+                taken.append((message, 1))
+        return taken
+
+    def next_due(self, consumer: ConsumerState) -> float | None:
+        """When the consumer's earliest unsettled delivery becomes due again."""
+        return min((p.due for p in consumer.pending.values()), default=None)
+
+    # settling
+    def settle(self, consumer: ConsumerState, seq: int) -> None:
+        consumer.pending.pop(seq, None)
+        message = self.messages.get(seq)
+        if message is not None and consumer.name in message.needed_by:
+            self._release(message, consumer.name)
+
+    def redeliver_after(self, consumer: ConsumerState, seq: int, delay: float) -> None:
+        pending = consumer.pending.get(seq)
+        if pending is not None:
+            pending.due = anyio.current_time() + delay
+            self.notify()
+
+    def extend(self, consumer: ConsumerState, seq: int) -> None:
+        pending = consumer.pending.get(seq)
+        if pending is not None:
+            pending.due = anyio.current_time() + consumer.settings.ack_wait
+
+
+class MemoryLog:
+    """A :class:`MemoryTransport`'s handle on a broker log (a ``DurableLog``)."""
+
+    def __init__(self, transport: MemoryTransport, state: LogState) -> None:
+        self._transport = transport
+        self._state = state
+
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    @property
+    def settings(self) -> LogSettings:
+        return self._state.settings
+
+    async def append(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> Appended:
+        """Store a message unless its id is in the dedup window (see ``DurableLog``)."""
+        self._transport.check_open()
+        check_subject(subject)
+        check_append(msg_id, headers)
+        size = len(data) + _header_size({**(headers or {}), MSG_ID_HEADER: msg_id})
+        if size > self._transport.max_payload:
+            raise PayloadTooLargeError(
+                f"message of {size} bytes to log {self.name!r} is over the transport's "
+                f"max_payload of {self._transport.max_payload} bytes; nothing was stored"
+            )
+        return self._state.append(subject, bytes(data), msg_id, dict(headers) if headers else None)
+
+    async def consumer(self, name: str, settings: ConsumerSettings | None = None) -> MemoryConsumer:
+        """A handle on the consumer ``name`` (see ``DurableLog.consumer``)."""
+        self._transport.check_open()
+        check_name("consumer", name)
+        state = self._state.consumer(name, settings if settings is not None else ConsumerSettings())
+        return MemoryConsumer(self._transport, self._state, state)
+
+
+class MemoryConsumer:
+    """A handle on a consumer of a broker log (a ``LogConsumer``)."""
+
+    def __init__(self, transport: MemoryTransport, log: LogState, state: ConsumerState) -> None:
+        self._transport = transport
+        self._log = log
+        self._state = state
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._state.name
+
+    def _check_open(self) -> None:
+        self._transport.check_open()
+        if self._closed:
+            raise TransportError(f"the handle on consumer {self.name!r} is closed")
+
+    async def fetch(self, n: int, *, timeout: float) -> list[Delivery]:
+        """Up to ``n`` deliveries, waiting at most ``timeout`` seconds for the first."""
+        if n < 1:
+            raise ValueError(f"fetch needs n >= 1, not {n}")
+        self._check_open()
+        log, state = self._log, self._state
+        deadline = anyio.current_time() + timeout
+        while True:
+            now = anyio.current_time()
+            taken = log.take(state, n, now)
+            if taken:
+                return [
+                    MemoryDelivery(self._transport, log, state, message, count)
+                    for message, count in taken
+                ]
+            wake = deadline
+            due = log.next_due(state)
+            if due is not None and due < wake:
+                wake = due
+            if now >= deadline:
+                return []
+            with anyio.move_on_after(max(wake - now, 0.0)):
+                await log.changed().wait()
+            self._check_open()
+
+    async def pending(self) -> int:
+        """Messages the consumer has yet to settle (undelivered, or delivered and unsettled)."""
+        self._check_open()
+        return self._state.undelivered + len(self._state.pending)
+
+    async def close(self) -> None:
+        """Stop fetching through this handle; the consumer stays."""
+        self._closed = True
+
+
+class MemoryDelivery:
+    """One delivery of a broker log message (a ``Delivery``)."""
+
+    __slots__ = (
+        "_consumer",
+        "_log",
+        "_settled",
+        "_transport",
+        "data",
+        "delivery_count",
+        "headers",
+        "msg_id",
+        "seq",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        log: LogState,
+        consumer: ConsumerState,
+        message: StoredMessage,
+        delivery_count: int,
+    ) -> None:
+        self._transport = transport
+        self._log = log
+        self._consumer = consumer
+        self._settled = False
+        self.subject = message.subject
+        self.data = message.data
+        self.headers = dict(message.headers) if message.headers else None
+        self.msg_id = message.msg_id
+        self.seq = message.seq
+        self.delivery_count = delivery_count
+
+    def _settle(self) -> bool:
+        """Mark the delivery settled; False if it already was (then do nothing)."""
+        self._transport.check_open()
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._log.settle(self._consumer, self.seq)
+
+    async def term(self) -> None:
+        if self._settle():
+            self._log.settle(self._consumer, self.seq)
+
+    async def nak(self, delay: float | None = None) -> None:
+        if self._settle():
+            self._log.redeliver_after(self._consumer, self.seq, max(delay or 0.0, 0.0))
+
+    async def in_progress(self) -> None:
+        self._transport.check_open()
+        if not self._settled:
+            self._log.extend(self._consumer, self.seq)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryDelivery seq={self.seq} subject={self.subject!r} "
+            f"delivery_count={self.delivery_count}>"
+        )
+
+
+# --- Key-value buckets ---------------------------------------------------------------------
+
+
+class BucketState:
+    """A key-value bucket in a broker: each key's latest value (``None``: a tombstone left by
+    a delete) and the revision that wrote it; one revision counter for the whole bucket."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.revision = 0
+        self.entries: dict[str, tuple[bytes | None, int]] = {}
+
+    def current(self, key: str) -> Entry | None:
+        value, revision = self.entries.get(key, (None, 0))
+        return Entry(value, revision) if value is not None else None
+
+    def check(self, key: str, expect: int | None) -> None:
+        """Raise RevisionMismatch unless ``expect`` allows a write to ``key`` now."""
+        if expect is None:
+            return
+        current = self.current(key)
+        if expect == 0:
+            ok = current is None
+        else:  # the latest write, a tombstone included (as JetStream compares)
+            ok = key in self.entries and self.entries[key][1] == expect
+        if not ok:
+            raise RevisionMismatch(self.name, key, expect, current)
+
+    def write(self, key: str, value: bytes | None) -> int:
+        self.revision += 1
+        self.entries[key] = (value, self.revision)
+        return self.revision
+
+
+class MemoryKeyValue:
+    """A :class:`MemoryTransport`'s handle on a broker bucket (a ``KeyValue``)."""
+
+    def __init__(self, transport: MemoryTransport, state: BucketState) -> None:
+        self._transport = transport
+        self._state = state
+
+    @property
+    def bucket(self) -> str:
+        return self._state.name
+
+    def _key(self, key: str) -> str:
+        self._transport.check_open()
+        return escape_key(key)
+
+    async def get(self, key: str) -> Entry | None:
+        """The key's latest value, or ``None``."""
+        return self._state.current(self._key(key))
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None) -> int:
+        """Write ``value`` (conditionally with ``expect``); returns the new revision."""
+        escaped = self._key(key)
+        check_expect(expect)
+        limit = self._transport.max_payload - KV_HEADROOM
+        if len(value) > limit:
+            raise PayloadTooLargeError(
+                f"value of {len(value)} bytes for key {key!r} is over the {limit} bytes a "
+                f"bucket value may take (max_payload less {KV_HEADROOM}); nothing was written"
+            )
+        self._state.check(escaped, expect)
+        return self._state.write(escaped, bytes(value))
+
+    async def delete(self, key: str, *, expect: int | None = None) -> None:
+        """Delete the key (conditionally with ``expect``); a missing key stays missing."""
+        escaped = self._key(key)
+        check_expect(expect)
+        self._state.check(escaped, expect)
+        if self._state.current(escaped) is not None:
+            self._state.write(escaped, None)
+
+
 def from_url(url: str) -> MemoryTransport:
     """Build a transport for ``"memory"`` (or ``"memory://"``)."""
     if url not in ("memory", "memory://"):
         raise TransportError(f"the memory transport takes the URL 'memory', not {url!r}")
     return MemoryTransport()
+
+
+if TYPE_CHECKING:  # the type checker holds the memory transport to the durable seam
+    _durable: type[DurableTransport] = MemoryTransport
