@@ -13,24 +13,59 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as _NatsSubscription
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue as _NatsKeyValue
 
 from happen._errors import PayloadTooLargeError, TransportError
-from happen._transport import Message, MessageCallback, TransportListener
+from happen._transport import (
+    KV_HEADROOM,
+    MSG_ID_HEADER,
+    Appended,
+    ConsumerSettings,
+    Delivery,
+    DurableTransport,
+    Entry,
+    LogFullError,
+    LogSettings,
+    Message,
+    MessageCallback,
+    Retention,
+    RevisionMismatch,
+    TransportListener,
+    check_append,
+    check_expect,
+    check_name,
+    check_subject,
+    escape_key,
+)
 
-__all__ = ["NatsTransport", "from_url"]
+__all__ = [
+    "LOG_SUBJECT_PREFIX",
+    "NatsConsumer",
+    "NatsDelivery",
+    "NatsKeyValue",
+    "NatsLog",
+    "NatsTransport",
+    "from_url",
+]
 
 log = logging.getLogger("happen.transports.nats")
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 DEFAULT_PENDING_MSGS_LIMIT = 512 * 1024
 DEFAULT_PENDING_BYTES_LIMIT = 256 * 1024 * 1024
+#: Seconds a JetStream request (an append, a bucket write, creating a log...) waits for
+#: the server's answer.
+DEFAULT_JETSTREAM_TIMEOUT = 5.0
 #: nats-py connect options happen sets unless the caller passes them (see NatsTransport).
 DEFAULT_CONNECT_OPTIONS: dict[str, Any] = {
     "max_reconnect_attempts": -1,
@@ -50,6 +85,18 @@ _ErrorCallback = Callable[[Exception], Awaitable[None]]
 #: least time between two log lines about one subscription's drops.
 DROP_LOG_INTERVAL = 1.0
 _clock = time.monotonic  # module-level so a test can drive the drop log's clock
+#: A durable log named N is the JetStream stream N, storing its messages under the subjects
+#: ``$HAPPEN.log.N.<subject>`` (outside every namespace's subjects, as ``$KV.`` is).
+LOG_SUBJECT_PREFIX = "$HAPPEN.log"
+# JetStream API error codes happen maps to its own errors.
+_ERR_MAX_MSGS = 10077  # "maximum messages exceeded" (discard-new)
+_ERR_STREAM_NAME_IN_USE = 10058
+_ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
+_ERR_WORK_QUEUE_OVERLAP = (10099, 10100)  # consumers that overlap on a work-queue stream
+_RETENTION = {
+    Retention.WORK_QUEUE: api.RetentionPolicy.WORK_QUEUE,
+    Retention.INTEREST: api.RetentionPolicy.INTEREST,
+}
 
 
 def _require_asyncio() -> None:
@@ -241,6 +288,7 @@ class NatsTransport:
         *,
         pending_msgs_limit: int = DEFAULT_PENDING_MSGS_LIMIT,
         pending_bytes_limit: int = DEFAULT_PENDING_BYTES_LIMIT,
+        jetstream_timeout: float = DEFAULT_JETSTREAM_TIMEOUT,
         **connect_options: Any,
     ) -> None:
         self.servers = [servers] if isinstance(servers, str) else list(servers)
@@ -250,6 +298,7 @@ class NatsTransport:
         self.max_payload = DEFAULT_MAX_PAYLOAD
         self.pending_msgs_limit = pending_msgs_limit
         self.pending_bytes_limit = pending_bytes_limit
+        self.jetstream_timeout = jetstream_timeout
         self._user_error_cb: _ErrorCallback | None = connect_options.pop("error_cb", None)
         self._user_cbs: dict[str, _Callback | None] = {
             name: connect_options.pop(name, None)
@@ -259,6 +308,9 @@ class NatsTransport:
         prefix = self._options.get("inbox_prefix", "_INBOX")
         self._inbox_prefix = prefix.decode() if isinstance(prefix, bytes) else str(prefix)
         self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        # consumer handles whose pull subscriptions are re-made after a reconnect
+        self._consumers: set[NatsConsumer] = set()
         self._listener: TransportListener | None = None
         # nats-py's subscription -> the one subscribe() returned, to name it in on_dropped
         self._subscriptions: dict[_NatsSubscription, NatsSubscription] = {}
@@ -300,6 +352,7 @@ class NatsTransport:
             raise TransportError(f"could not connect to NATS at {servers}: {cause}")
         self._connect_errors.clear()
         self.max_payload = nc.max_payload
+        self._js = nc.jetstream(timeout=self.jetstream_timeout)
         self._state = "connected"
 
     async def _connect(self, nc: Client, settled: anyio.Event) -> None:
@@ -334,6 +387,10 @@ class NatsTransport:
         self._state = "stopping"
         nc = self._nc
         try:
+            # A pull subscription holds status messages no fetch takes (the end of a fetch
+            # that timed out): draining would wait for them until drain_timeout.
+            for consumer in list(self._consumers):
+                await consumer.release()
             if nc is not None and nc.is_connected:
                 await nc.drain()
         except (nats.errors.Error, OSError) as exc:
@@ -435,6 +492,53 @@ class NatsTransport:
         except nats.errors.Error as exc:
             raise TransportError(f"cannot publish to {subject!r}: {_describe(exc)}") from exc
 
+    def jetstream(self, action: str) -> JetStreamContext:
+        """The JetStream context, if the connection is up (else :class:`TransportError`,
+        at once: a request would wait in nats-py's reconnect buffer for its whole timeout)."""
+        self._connected_client(action)
+        assert self._js is not None  # made with the connection
+        return self._js
+
+    def settling_client(self) -> Client:
+        """The client, for acks and the like: while nats-py reconnects they wait in its buffer
+        and go out once it is back (a lost ack only means a redelivery)."""
+        return self._client()
+
+    def add_consumer_handle(self, consumer: NatsConsumer) -> None:
+        self._consumers.add(consumer)
+
+    def discard_consumer_handle(self, consumer: NatsConsumer) -> None:
+        self._consumers.discard(consumer)
+
+    async def durable_log(self, name: str, settings: LogSettings | None = None) -> NatsLog:
+        """The JetStream stream ``name`` (subjects ``$HAPPEN.log.<name>.>``, file storage,
+        discard-new), created with ``settings`` or updated to them. Raises
+        :class:`TransportError` for an invalid name, a stream of that name that is not a
+        log of this name, a change of retention, or a JetStream failure."""
+        check_name("log", name)
+        log = NatsLog(self, name, settings if settings is not None else LogSettings())
+        await log.ensure_stream()
+        return log
+
+    async def key_value(self, bucket: str) -> NatsKeyValue:
+        """The JetStream KV bucket ``bucket`` (one revision kept per key), created if it
+        does not exist. Raises :class:`TransportError` for an invalid name or a failure."""
+        check_name("bucket", bucket)
+        js = self.jetstream(f"open bucket {bucket!r}")
+        try:
+            try:
+                kv = await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    kv = await js.create_key_value(bucket=bucket, history=1)
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                        raise
+                    kv = await js.key_value(bucket)  # another host made it meanwhile
+        except (nats.errors.Error, OSError) as exc:
+            raise TransportError(f"cannot open bucket {bucket!r}: {_describe(exc)}") from exc
+        return NatsKeyValue(self, bucket, kv)
+
     # nats-py's callbacks run inside its tasks: they only record and notify.
     async def _on_error(self, error: Exception) -> None:
         if self._user_error_cb is not None:
@@ -468,6 +572,8 @@ class NatsTransport:
         await self._call_user("disconnected_cb")
 
     async def _on_reconnected(self) -> None:
+        for consumer in self._consumers:
+            consumer.mark_stale()  # nats.py#504: a pull subscription may not survive it
         if self._state == "connected" and self._nc is not None:
             self.max_payload = self._nc.max_payload
             self._notify("on_reconnected")
@@ -484,6 +590,7 @@ class NatsTransport:
     def _report_closed(self, error: BaseException | None) -> None:
         if not self._closed_reported:
             self._closed_reported = True
+            self._consumers.clear()
             for subscription in self._subscriptions.values():
                 subscription._end_drop_burst()
             self._subscriptions.clear()
@@ -502,6 +609,426 @@ class NatsTransport:
         callback = self._user_cbs[name]
         if callback is not None:
             await callback()
+
+
+# --- Durable logs on JetStream ----------------------------------------------------------------
+
+
+def _jetstream_error(action: str, exc: BaseException) -> TransportError:
+    if isinstance(exc, nats.errors.TimeoutError):
+        return TransportError(f"cannot {action}: JetStream did not answer in time")
+    if isinstance(exc, nats.js.errors.NoStreamResponseError):
+        return TransportError(f"cannot {action}: JetStream did not answer (is it enabled?)")
+    return TransportError(f"cannot {action}: {_describe(exc)}")
+
+
+class NatsLog:
+    """A durable log on JetStream (a ``DurableLog``): the stream ``name``, its messages under
+    ``$HAPPEN.log.<name>.<subject>``, an append a JetStream publish with ``Nats-Msg-Id``."""
+
+    def __init__(self, transport: NatsTransport, name: str, settings: LogSettings) -> None:
+        self._transport = transport
+        self.name = name
+        self.settings = settings
+        self.subject_prefix = f"{LOG_SUBJECT_PREFIX}.{name}."
+        self._config = api.StreamConfig(
+            name=name,
+            subjects=[f"{self.subject_prefix}>"],
+            retention=_RETENTION[settings.retention],
+            max_msgs=settings.max_msgs if settings.max_msgs is not None else -1,
+            discard=api.DiscardPolicy.NEW,
+            duplicate_window=settings.dedup_window,
+            storage=api.StorageType.FILE,
+        )
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or bring an existing one to this log's settings."""
+        action = f"open durable log {self.name!r}"
+        js = self._transport.jetstream(action)
+        try:
+            try:
+                info = await js.stream_info(self.name)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await js.add_stream(self._config)
+                    return
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != _ERR_STREAM_NAME_IN_USE:
+                        raise
+                    info = await js.stream_info(self.name)  # another host made it meanwhile
+            have, want = info.config, self._config
+            if have.subjects != want.subjects:
+                raise TransportError(
+                    f"cannot {action}: a JetStream stream of that name exists with subjects "
+                    f"{have.subjects}, not {want.subjects}; it is not this log"
+                )
+            if have.retention != want.retention:
+                raise TransportError(
+                    f"durable log {self.name!r} has retention {have.retention}; it cannot "
+                    f"change to {self.settings.retention.value}"
+                )
+            if (
+                have.max_msgs != want.max_msgs
+                or have.discard != want.discard
+                or abs(have.duplicate_window - want.duplicate_window) > 1e-3
+            ):
+                await js.update_stream(self._config)
+        except TransportError:
+            raise
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(action, exc) from exc
+
+    async def append(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> Appended:
+        """Store a message unless its id is in the dedup window (see ``DurableLog``)."""
+        check_subject(subject)
+        check_append(msg_id, headers)
+        hdrs = {**(headers or {}), MSG_ID_HEADER: msg_id}
+        size = len(data) + _header_size(hdrs)
+        max_payload = self._transport.max_payload
+        if size > max_payload:
+            raise PayloadTooLargeError(
+                f"message of {size} bytes to log {self.name!r} is over the server's "
+                f"max_payload of {max_payload} bytes; nothing was stored"
+            )
+        action = f"append to durable log {self.name!r}"
+        for attempt in (1, 2):
+            js = self._transport.jetstream(action)
+            try:
+                ack = await js.publish(self.subject_prefix + subject, data, headers=hdrs)
+            except nats.js.errors.NoStreamResponseError:
+                if attempt == 2:
+                    raise TransportError(
+                        f"cannot {action}: JetStream did not answer (is it enabled?)"
+                    ) from None
+                await self.ensure_stream()  # the server lost it (a memory store, a new server)
+                continue
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _ERR_MAX_MSGS:
+                    raise LogFullError(self.name, self.settings.max_msgs) from None
+                raise _jetstream_error(action, exc) from exc
+            except nats.errors.TimeoutError:
+                raise TransportError(
+                    f"cannot {action}: JetStream did not answer in time; the message may be "
+                    f"stored or not (append it again with the same msg_id)"
+                ) from None
+            except (nats.errors.Error, OSError) as exc:
+                raise _jetstream_error(action, exc) from exc
+            return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
+        raise AssertionError("unreachable")
+
+    def consumer_config(self, name: str, settings: ConsumerSettings) -> api.ConsumerConfig:
+        filters = [self.subject_prefix + subject for subject in settings.subjects]
+        return api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=settings.ack_wait,
+            max_deliver=settings.max_deliver if settings.max_deliver is not None else -1,
+            # The core paces intake per instance; the server-side cap is shared by every
+            # instance (and counts nak'd messages), so it must not hold them back.
+            max_ack_pending=-1,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
+        )
+
+    async def consumer(self, name: str, settings: ConsumerSettings | None = None) -> NatsConsumer:
+        """A handle on the durable pull consumer ``name``, created with ``settings`` or
+        updated to them (see ``DurableLog.consumer``)."""
+        check_name("consumer", name)
+        consumer = NatsConsumer(
+            self._transport, self, name, settings if settings is not None else ConsumerSettings()
+        )
+        await consumer.ensure()
+        await consumer.bind()
+        return consumer
+
+
+class NatsConsumer:
+    """A handle on a durable pull consumer (a ``LogConsumer``).
+
+    Fetches go through one nats-py pull subscription, one at a time. The subscription is
+    made again after a reconnect (nats.py#504: it may not survive a server restart) and
+    after a failed fetch, with the stream and the consumer made again if the server lost
+    them.
+    """
+
+    def __init__(
+        self, transport: NatsTransport, log: NatsLog, name: str, settings: ConsumerSettings
+    ) -> None:
+        self._transport = transport
+        self._log = log
+        self.name = name
+        self.settings = settings
+        self._config = log.consumer_config(name, settings)
+        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._stale = False
+        self._closed = False
+        self._lock = anyio.Lock()
+
+    def mark_stale(self) -> None:
+        """Make the pull subscription again before the next fetch."""
+        self._stale = True
+
+    async def ensure(self) -> None:
+        """Create the consumer or bring it to this handle's settings."""
+        action = f"open consumer {self.name!r} of durable log {self._log.name!r}"
+        js = self._transport.jetstream(action)
+        try:
+            await js.add_consumer(self._log.name, self._config)  # creates or updates
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _ERR_WORK_QUEUE_OVERLAP:
+                raise TransportError(
+                    f"consumer {self.name!r} overlaps another consumer on work-queue log "
+                    f"{self._log.name!r}: each subject of a work-queue log has one consumer"
+                ) from None
+            raise _jetstream_error(action, exc) from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(action, exc) from exc
+
+    async def bind(self) -> None:
+        """(Re)make the pull subscription."""
+        old, self._subscription = self._subscription, None
+        if old is not None:
+            with contextlib.suppress(nats.errors.Error, ValueError):
+                await old.unsubscribe()
+        js = self._transport.jetstream(f"read durable log {self._log.name!r}")
+        try:
+            self._subscription = await js.pull_subscribe_bind(
+                consumer=self.name, stream=self._log.name
+            )
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(f"read durable log {self._log.name!r}", exc) from exc
+        self._stale = False
+        self._transport.add_consumer_handle(self)
+
+    async def _rebind(self) -> None:
+        await self._log.ensure_stream()
+        await self.ensure()
+        await self.bind()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"the handle on consumer {self.name!r} is closed")
+
+    async def fetch(self, n: int, *, timeout: float) -> list[Delivery]:
+        """Up to ``n`` deliveries, waiting at most ``timeout`` seconds for the first."""
+        if n < 1:
+            raise ValueError(f"fetch needs n >= 1, not {n}")
+        self._check_open()
+        async with self._lock:
+            self._check_open()
+            self._transport.jetstream(f"fetch from durable log {self._log.name!r}")
+            if self._stale or self._subscription is None:
+                await self._rebind()
+            assert self._subscription is not None
+            try:
+                messages = await self._subscription.fetch(n, timeout=max(timeout, 0.001))
+            except nats.errors.TimeoutError:  # nats-py's way to say "nothing came"
+                return []
+            except nats.js.errors.APIError as exc:
+                self._stale = True  # e.g. the consumer was deleted: make it again next time
+                log.warning(
+                    "fetch from consumer %r of durable log %r failed (%s); it is made again "
+                    "at the next fetch",
+                    self.name,
+                    self._log.name,
+                    _describe(exc),
+                )
+                return []
+            except (nats.errors.Error, OSError) as exc:
+                self._stale = True
+                raise _jetstream_error(f"fetch from durable log {self._log.name!r}", exc) from exc
+        prefix = len(self._log.subject_prefix)
+        return [NatsDelivery(self._transport, msg, prefix) for msg in messages]
+
+    async def pending(self) -> int:
+        """Messages the consumer has yet to settle (undelivered, or delivered and unsettled)."""
+        self._check_open()
+        action = f"read consumer {self.name!r} of durable log {self._log.name!r}"
+        js = self._transport.jetstream(action)
+        try:
+            info = await js.consumer_info(self._log.name, self.name)
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(action, exc) from exc
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
+
+    async def close(self) -> None:
+        """Stop fetching through this handle; the consumer stays on the server."""
+        if self._closed:
+            return
+        self._closed = True
+        async with self._lock:
+            await self.release()
+
+    async def release(self) -> None:
+        """Drop the pull subscription (messages it holds return after ``ack_wait``); a
+        later fetch makes it again."""
+        self._transport.discard_consumer_handle(self)
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            with contextlib.suppress(nats.errors.Error, ValueError):
+                await subscription.unsubscribe()
+
+
+class NatsDelivery:
+    """One delivery of a JetStream message (a ``Delivery``), on nats-py's ``Msg``."""
+
+    __slots__ = (
+        "_msg",
+        "_settled",
+        "_transport",
+        "data",
+        "delivery_count",
+        "headers",
+        "msg_id",
+        "seq",
+        "subject",
+    )
+
+    def __init__(self, transport: NatsTransport, msg: Msg, prefix: int) -> None:
+        self._transport = transport
+        self._msg = msg
+        self._settled = False
+        self.subject = msg.subject[prefix:]
+        self.data = msg.data
+        headers = dict(msg.headers) if msg.headers else {}
+        self.msg_id = headers.pop(MSG_ID_HEADER, "")
+        self.headers: dict[str, str] | None = headers or None
+        metadata = msg.metadata
+        self.seq = metadata.sequence.stream
+        self.delivery_count = metadata.num_delivered
+
+    async def _send(self, verb: str, settles: bool, delay: float | None = None) -> None:
+        self._transport.settling_client()  # raises once the transport is closed
+        if self._settled:
+            return
+        if settles:
+            self._settled = True
+        try:
+            if verb == "ack":
+                await self._msg.ack()
+            elif verb == "nak":
+                await self._msg.nak(delay=delay if delay and delay > 0 else None)
+            elif verb == "term":
+                await self._msg.term()
+            else:
+                await self._msg.in_progress()
+        except (nats.errors.Error, OSError) as exc:
+            raise TransportError(
+                f"cannot {verb} message {self.seq} of {self.subject!r}: {_describe(exc)}"
+            ) from exc
+
+    async def ack(self) -> None:
+        await self._send("ack", True)
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._send("nak", True, delay)
+
+    async def in_progress(self) -> None:
+        await self._send("in_progress", False)
+
+    async def term(self) -> None:
+        await self._send("term", True)
+
+    def __repr__(self) -> str:
+        return (
+            f"<NatsDelivery seq={self.seq} subject={self.subject!r} "
+            f"delivery_count={self.delivery_count}>"
+        )
+
+
+# --- Key-value buckets on JetStream KV ----------------------------------------------------------
+
+
+class NatsKeyValue:
+    """A JetStream KV bucket (a ``KeyValue``); keys escaped with ``escape_key``."""
+
+    def __init__(self, transport: NatsTransport, bucket: str, kv: _NatsKeyValue) -> None:
+        self._transport = transport
+        self.bucket = bucket
+        self._kv = kv
+
+    def _ready(self, action: str, key: str) -> str:
+        escaped = escape_key(key)
+        self._transport.jetstream(f"{action} key {key!r} of bucket {self.bucket!r}")
+        return escaped
+
+    async def _current(self, escaped: str) -> Entry | None:
+        try:
+            entry = await self._kv.get(escaped)
+        except nats.js.errors.KeyNotFoundError:  # missing, or deleted
+            return None
+        assert entry.value is not None and entry.revision is not None
+        return Entry(entry.value, entry.revision)
+
+    async def get(self, key: str) -> Entry | None:
+        """The key's latest value, or ``None``."""
+        escaped = self._ready("read", key)
+        try:
+            return await self._current(escaped)
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(f"read key {key!r} of bucket {self.bucket!r}", exc) from exc
+
+    async def put(self, key: str, value: bytes, *, expect: int | None = None) -> int:
+        """Write ``value`` (conditionally with ``expect``); returns the new revision."""
+        escaped = self._ready("write", key)
+        check_expect(expect)
+        limit = self._transport.max_payload - KV_HEADROOM
+        if len(value) > limit:
+            raise PayloadTooLargeError(
+                f"value of {len(value)} bytes for key {key!r} is over the {limit} bytes a "
+                f"bucket value may take (max_payload less {KV_HEADROOM}); nothing was written"
+            )
+        try:
+            try:
+                if expect is None:
+                    return await self._kv.put(escaped, value)
+                if expect == 0:  # nats-py's create also creates over a delete's tombstone
+                    return await self._kv.create(escaped, value)
+                return await self._kv.update(escaped, value, last=expect)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                raise RevisionMismatch(
+                    self.bucket, key, expect or 0, await self._current(escaped)
+                ) from None
+        except RevisionMismatch:
+            raise
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(f"write key {key!r} of bucket {self.bucket!r}", exc) from exc
+
+    async def delete(self, key: str, *, expect: int | None = None) -> None:
+        """Delete the key (conditionally with ``expect``); a missing key stays missing."""
+        escaped = self._ready("delete", key)
+        check_expect(expect)
+        try:
+            if expect == 0:
+                current = await self._current(escaped)
+                if current is not None:
+                    raise RevisionMismatch(self.bucket, key, 0, current)
+                return
+            try:
+                await self._kv.delete(escaped, last=expect)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in _ERR_WRONG_LAST_SEQUENCE or expect is None:
+                    raise
+                raise RevisionMismatch(
+                    self.bucket, key, expect, await self._current(escaped)
+                ) from None
+        except RevisionMismatch:
+            raise
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(f"delete key {key!r} of bucket {self.bucket!r}", exc) from exc
+
+
+if TYPE_CHECKING:  # the type checker holds the NATS transport to the durable seam
+    _durable: type[DurableTransport] = NatsTransport
 
 
 def from_url(url: str) -> NatsTransport:
