@@ -4,6 +4,7 @@ JetStream resources they are (the ones docs/permissions.md grants)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import nats
@@ -183,3 +184,66 @@ async def test_jetstream_resources_are_as_documented(nats_server: NatsServer) ->
     finally:
         await nc.close()
         await transport.stop()
+
+
+def durable_grants(log: str, consumer: str, bucket: str, inbox: str) -> str:
+    """The nats-server permissions docs/permissions.md gives a host that appends to and reads
+    ``log`` as ``consumer``, and uses ``bucket``."""
+    publish = [
+        f"$HAPPEN.log.{log}.>",
+        f"$JS.API.STREAM.INFO.{log}",
+        f"$JS.API.STREAM.CREATE.{log}",
+        f"$JS.API.STREAM.UPDATE.{log}",
+        f"$JS.API.CONSUMER.CREATE.{log}.{consumer}",
+        f"$JS.API.CONSUMER.CREATE.{log}.{consumer}.>",
+        f"$JS.API.CONSUMER.INFO.{log}.{consumer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{log}.{consumer}",
+        f"$JS.ACK.{log}.{consumer}.>",
+        f"$KV.{bucket}.>",
+        f"$JS.API.STREAM.INFO.KV_{bucket}",
+        f"$JS.API.STREAM.CREATE.KV_{bucket}",
+        f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+    ]
+    allow = ", ".join(f'"{subject}"' for subject in publish)
+    return (
+        "authorization {\n  users = [\n"
+        '    { user: "host", password: "secret", permissions: {\n'
+        f"        publish: {{ allow: [{allow}] }}\n"
+        f'        subscribe: {{ allow: ["{inbox}.>"] }}\n'
+        "    } }\n  ]\n}\n"
+    )
+
+
+async def test_the_documented_grants_are_enough(tmp_path: Path) -> None:
+    config = tmp_path / "auth.conf"
+    config.write_text(durable_grants("orders", "billing", "state", "_INBOX.hostA"))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+        transport = NatsTransport(
+            server.url,
+            user="host",
+            password="secret",
+            inbox_prefix="_INBOX.hostA",
+            jetstream_timeout=1.0,  # a request the server refuses goes unanswered
+        )
+        await transport.start()
+        try:
+            log = await transport.durable_log("orders", LogSettings(max_msgs=10))
+            log = await transport.durable_log("orders", LogSettings(max_msgs=20))  # update
+            consumer = await log.consumer("billing", ConsumerSettings(subjects=("order.*",)))
+            await log.consumer("billing", ConsumerSettings(subjects=("order.*", "refund.*")))
+            await log.append("order.created", b"o", msg_id="o1")
+            (delivery,) = await consumer.fetch(1, timeout=WAIT)
+            await delivery.in_progress()
+            await delivery.ack()
+            assert await consumer.pending() in (0, 1)
+            kv = await transport.key_value("state")
+            revision = await kv.put("k", b"1", expect=0)
+            assert await kv.get("k") == Entry(b"1", revision)
+            await kv.delete("k", expect=revision)
+
+            with pytest.raises(TransportError):  # and nothing more
+                await transport.durable_log("other")
+            with pytest.raises(TransportError):
+                await log.consumer("audit")
+        finally:
+            await transport.stop()
