@@ -208,11 +208,6 @@ class MemoryTransport:
         if self._listener is not None:
             self._listener.on_closed(None)
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`stop` was called."""
-        return self._closed
-
     async def durable_log(self, name: str, settings: LogSettings | None = None) -> MemoryLog:
         """The broker's log ``name``, created with ``settings`` or updated to them (see
         :class:`happen._transport.DurableTransport`)."""
@@ -494,8 +489,8 @@ class LogState:
         state = self.consumers.get(name)
         if state is None:
             state = self.consumers[name] = ConsumerState(name, settings)
-            if self.messages:
-                state.cursor = next(iter(self.messages))
+            # it starts at the first stored message (JetStream's "deliver all")
+            state.cursor = next(iter(self.messages)) if self.messages else self.last_seq + 1
             self._claim(state)
         elif settings != state.settings:
             old_subjects = state.settings.subjects

@@ -823,29 +823,35 @@ class NatsConsumer:
         if n < 1:
             raise ValueError(f"fetch needs n >= 1, not {n}")
         self._check_open()
+        action = f"fetch from durable log {self._log.name!r}"
+        deadline = time.monotonic() + timeout
         async with self._lock:
-            self._check_open()
-            self._transport.jetstream(f"fetch from durable log {self._log.name!r}")
-            if self._stale or self._subscription is None:
-                await self._rebind()
-            assert self._subscription is not None
-            try:
-                messages = await self._subscription.fetch(n, timeout=max(timeout, 0.001))
-            except nats.errors.TimeoutError:  # nats-py's way to say "nothing came"
-                return []
-            except nats.js.errors.APIError as exc:
-                self._stale = True  # e.g. the consumer was deleted: make it again next time
-                log.warning(
-                    "fetch from consumer %r of durable log %r failed (%s); it is made again "
-                    "at the next fetch",
-                    self.name,
-                    self._log.name,
-                    _describe(exc),
-                )
-                return []
-            except (nats.errors.Error, OSError) as exc:
-                self._stale = True
-                raise _jetstream_error(f"fetch from durable log {self._log.name!r}", exc) from exc
+            for attempt in (1, 2):
+                self._check_open()
+                self._transport.jetstream(action)
+                if self._stale or self._subscription is None:
+                    await self._rebind()
+                assert self._subscription is not None
+                remaining = max(deadline - time.monotonic(), 0.001)
+                try:
+                    messages = await self._subscription.fetch(n, timeout=remaining)
+                    break
+                except nats.errors.TimeoutError:  # nats-py's way to say "nothing came"
+                    return []
+                except nats.js.errors.APIError as exc:
+                    # e.g. the consumer was deleted: make it again, and try once more
+                    self._stale = True
+                    if attempt == 2:
+                        raise _jetstream_error(action, exc) from exc
+                    log.warning(
+                        "fetch from consumer %r of durable log %r failed (%s); making it again",
+                        self.name,
+                        self._log.name,
+                        _describe(exc),
+                    )
+                except (nats.errors.Error, OSError) as exc:
+                    self._stale = True
+                    raise _jetstream_error(action, exc) from exc
         prefix = len(self._log.subject_prefix)
         return [NatsDelivery(self._transport, msg, prefix) for msg in messages]
 
