@@ -19,7 +19,7 @@ from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
-from happen._producer import produce
+from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._transport import Message, Subscription, Transport
 
@@ -478,14 +478,20 @@ class Node:
         event = work.event
         limiter = runtime.limiter
         assert limiter is not None
+        result: Any = None
         try:
             if work.deadline is None:
                 result = await invoke(handler.fn, handler.kind, event, {}, limiter)
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
                     result = await invoke(handler.fn, handler.kind, event, {}, limiter)
+                    if inspect.isasyncgen(result):  # the deadline bounds it until its first item
+                        result = await first_item_ahead(result)
                 if scope.cancelled_caught:
                     mailbox.failed += 1
+                    if inspect.isasyncgen(result):
+                        with anyio.CancelScope(shield=True):
+                            await aclose_quietly(result)
                     await self._reply(work, self._timed_out(work))
                     return
         except runtime.cancelled:
