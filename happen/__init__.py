@@ -21,11 +21,14 @@ from happen._events import CausalContext, Event
 from happen._mailbox import NodeStats
 from happen._middleware import CallNext, Middleware
 from happen._node import Node
+from happen._observe import CallObserver, CallWatch
 from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
 __all__ = [
     "CallNext",
+    "CallObserver",
+    "CallWatch",
     "CausalContext",
     "CodecError",
     "ConcurrencySettings",

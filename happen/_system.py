@@ -29,6 +29,7 @@ from happen._ids import validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack
 from happen._node import Node
+from happen._observe import CallObserver
 from happen._runtime import Runtime
 from happen._transport import Message, Subscription, Transport
 from happen._wire import Wire
@@ -329,6 +330,20 @@ class System:
         """
         self._middleware.add(middleware)
         return middleware
+
+    def observe_calls(self, observer: CallObserver | None) -> None:
+        """Tell ``observer`` of every ``send``, ``stream`` and ``broadcast`` this system's
+        nodes make, from start to end (``None`` removes it). ``happen.otel`` uses this for
+        its client spans; see ``happen.CallObserver``.
+
+        Raises ``RuntimeError`` when another observer is set already.
+        """
+        current = self._caller.observer
+        if observer is not None and current is not None and current is not observer:
+            raise RuntimeError(
+                "this system has a call observer already: remove it with observe_calls(None) first"
+            )
+        self._caller.observer = observer
 
     def concurrency_for(self, node_id: str) -> ConcurrencySettings:
         """The concurrency settings that apply to ``node_id``."""
