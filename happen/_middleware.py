@@ -12,6 +12,7 @@ handlers directly: ``MiddlewareStack.chain`` is then an empty tuple.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -21,7 +22,17 @@ import anyio
 from happen._events import Event
 from happen._handlers import Handler, invoke
 
-__all__ = ["CallNext", "Middleware", "MiddlewareStack", "run_chain"]
+__all__ = ["CallNext", "Middleware", "MiddlewareStack", "current_node_id", "run_chain"]
+
+#: The id of the node whose middleware chain runs in the current task.
+_node_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "happen_middleware_node", default=None
+)
+
+
+def current_node_id() -> str | None:
+    """The id of the node whose middleware is running, inside a middleware (else None)."""
+    return _node_id.get()
 
 
 class CallNext(Protocol):
@@ -90,6 +101,7 @@ class MiddlewareStack:
 
 async def run_chain(
     chain: tuple[Middleware, ...],
+    node_id: str,
     handler: Handler,
     event: Event,
     limiter: anyio.CapacityLimiter,
@@ -119,4 +131,8 @@ async def run_chain(
 
         return call_next
 
-    return await call_next_at(0)(event)
+    token = _node_id.set(node_id)
+    try:
+        return await call_next_at(0)(event)
+    finally:
+        _node_id.reset(token)

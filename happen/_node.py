@@ -504,7 +504,7 @@ class Node:
         chain = self._middleware.chain
         if chain:
             work.made = []
-            execution = run_chain(chain, handler, event, limiter, work.made)
+            execution = run_chain(chain, self.id, handler, event, limiter, work.made)
         else:
             execution = invoke(handler.fn, handler.kind, event, {}, limiter)
         result: Any = None
