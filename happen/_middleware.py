@@ -133,6 +133,6 @@ async def run_chain(
 
     token = _node_id.set(node_id)
     try:
-        return await call_next_at(0)(event)
+        return await chain[0](event, context, call_next_at(1))
     finally:
         _node_id.reset(token)
