@@ -40,7 +40,9 @@ Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
 COMMANDS: dict[str, Command] = {"run": run, "send": send, "stats": stats, "server": server}
 
 ENVIRONMENT_HELP = "settings also come from the environment (the command line wins):\n" + "\n".join(
-    f"  {setting.env:<18} {setting.option} (default: {setting.default})" for setting in SETTINGS
+    f"  {setting.env:<20} {setting.option} "
+    f"(default: {'off' if setting.default is None else setting.default})"
+    for setting in SETTINGS
 )
 
 
