@@ -19,11 +19,16 @@ from happen._errors import (
 )
 from happen._events import CausalContext, Event
 from happen._mailbox import NodeStats
+from happen._middleware import CallNext, Middleware
 from happen._node import Node
+from happen._observe import CallObserver, CallWatch
 from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
 __all__ = [
+    "CallNext",
+    "CallObserver",
+    "CallWatch",
     "CausalContext",
     "CodecError",
     "ConcurrencySettings",
@@ -34,6 +39,7 @@ __all__ = [
     "InvalidConfigError",
     "InvalidIdError",
     "Message",
+    "Middleware",
     "NoHandlerError",
     "Node",
     "NodeNotFoundError",

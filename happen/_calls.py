@@ -32,11 +32,12 @@ from happen._errors import (
 from happen._events import Event, IdGenerator, new_context
 from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import Mailbox
+from happen._observe import CallObserver, CallWatch
 from happen._pressure import RemoteGate
 from happen._runtime import Runtime
 from happen._signal import Signal
 
-__all__ = ["Call", "Caller", "Stream"]
+__all__ = ["Call", "Caller", "Stream", "WatchedStream"]
 
 _FINAL = (p.Result, p.Failure, p.StreamEnd)
 
@@ -281,6 +282,54 @@ class Stream:
             await call.caller.abandon(call)
 
 
+class WatchedStream(Stream):
+    """A ``Stream`` of an observed call: its ``CallWatch`` is told when the stream ends,
+    fails or is closed."""
+
+    def __init__(
+        self,
+        call: Call,
+        *,
+        window: int,
+        timeout: float | None,
+        watch: CallWatch,
+        opener: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        super().__init__(call, window=window, timeout=timeout, opener=opener)
+        self._watch: CallWatch | None = watch
+        self._reading = False
+
+    def _settle(self, error: BaseException | None) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.ended(error)
+
+    async def __aenter__(self) -> Stream:
+        try:
+            return await super().__aenter__()
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+
+    async def __anext__(self) -> Any:
+        self._reading = True  # a failure closes the stream first: the watch gets the error
+        try:
+            return await super().__anext__()
+        except StopAsyncIteration:
+            self._settle(None)
+            raise
+        except BaseException as exc:
+            self._settle(exc)
+            raise
+        finally:
+            self._reading = False
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if not self._reading:
+            self._settle(None)
+
+
 class _RoundTrip:
     """The route of ``Caller.round_trip``: any answer (a "no responders" status) ends it."""
 
@@ -325,6 +374,8 @@ class Caller:
         self._broadcast_streams = broadcast_streams
         self._gates: dict[str, RemoteGate] = {}
         self._answered: anyio.Event | None = None
+        #: Told of every call (``System.observe_calls``); None: calls are not watched.
+        self.observer: CallObserver | None = None
 
     # ----- sending ------------------------------------------------------------------
 
@@ -361,7 +412,13 @@ class Caller:
         return target_id, validate_event_type(event["type"]), event.get("payload")
 
     def request_frame(
-        self, sender: str, event_type: str, payload: Any, timeout: float | None, priority: int
+        self,
+        sender: str,
+        event_type: str,
+        payload: Any,
+        timeout: float | None,
+        priority: int,
+        trace: str | None = None,
     ) -> tuple[p.Request, bytes]:
         """The request frame and its encoding (encoded now, so bad payloads fail here)."""
         if type(priority) is not int:
@@ -373,7 +430,7 @@ class Caller:
             # The node's deadline is a little earlier than the caller's, so that the node's
             # own "timed out" answer (naming the handler) arrives before the caller gives up.
             timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
-        context = new_context(self._ids, sender)
+        context = new_context(self._ids, sender, trace)
         frame = p.Request(
             event_type, payload, context, priority, self.window, timeout_ms, self._system_id
         )
@@ -383,6 +440,16 @@ class Caller:
         self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
+        if self.observer is not None:
+            return await self._send_watched(
+                self.observer.call_started("send", sender, target_id, event_type),
+                sender,
+                target_id,
+                event_type,
+                payload,
+                timeout,
+                priority,
+            )
         frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
         first = await self._open_within(timeout, call, frame, data)
@@ -390,16 +457,53 @@ class Caller:
             return first.value
         return Stream(call, window=self.window, timeout=timeout)
 
+    async def _send_watched(
+        self,
+        watch: CallWatch,
+        sender: str,
+        target_id: str,
+        event_type: str,
+        payload: Any,
+        timeout: float | None,
+        priority: int,
+    ) -> Any:
+        try:
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, watch.trace
+            )
+            call = Call(self, target_id)
+            first = await self._open_within(timeout, call, frame, data)
+        except BaseException as exc:
+            watch.ended(exc)
+            raise
+        if type(first) is p.Result:
+            watch.ended(None)
+            return first.value
+        return WatchedStream(call, window=self.window, timeout=timeout, watch=watch)
+
     def stream(
         self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Stream:
         target_id, event_type, payload = self.prepare(target, event)
-        frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
+        watch = None
+        if self.observer is not None:
+            watch = self.observer.call_started("stream", sender, target_id, event_type)
+        try:
+            trace = watch.trace if watch is not None else None
+            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, trace)
+        except BaseException as exc:
+            if watch is not None:
+                watch.ended(exc)
+            raise
         call = Call(self, target_id)
 
         async def opener() -> Any:
             return await self._open_within(timeout, call, frame, data)
 
+        if watch is not None:
+            return WatchedStream(
+                call, window=self.window, timeout=timeout, watch=watch, opener=opener
+            )
         return Stream(call, window=self.window, timeout=timeout, opener=opener)
 
     async def _open_within(
@@ -464,6 +568,25 @@ class Caller:
 
     async def broadcast(self, sender: str, event: Any, stream: AsyncIterable[Any] | None) -> None:
         _, event_type, payload = self.prepare(sender, event)
+        if self.observer is None:
+            await self._broadcast(sender, event_type, payload, stream, None)
+            return
+        watch = self.observer.call_started("broadcast", sender, None, event_type)
+        try:
+            await self._broadcast(sender, event_type, payload, stream, watch.trace)
+        except BaseException as exc:
+            watch.ended(exc)
+            raise
+        watch.ended(None)
+
+    async def _broadcast(
+        self,
+        sender: str,
+        event_type: str,
+        payload: Any,
+        stream: AsyncIterable[Any] | None,
+        trace: str | None,
+    ) -> None:
         runtime = self.runtime
         if runtime.syncing:
             await runtime.settled()
@@ -472,7 +595,7 @@ class Caller:
                 await mailbox.wait_relief()
         wire = self.wire
         subject = wire.broadcast_subject(event_type)
-        context = new_context(self._ids, sender)
+        context = new_context(self._ids, sender, trace)
         if stream is None:
             self.check_running()
             await wire.publish(subject, p.Broadcast(event_type, payload, context))

@@ -35,6 +35,9 @@ class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     - ``hops``: how many sends the flow has travelled in all, this one included (1 for a
       root event): ``len(path)`` until the path is cut. ``0`` in a context a foreign client
       built without counting; read it as ``len(path)``.
+    - ``trace``: the W3C ``traceparent`` of the call that sent it, when the sending system
+      traces its calls (``happen.otel``), else ``None``. An event sent from a handler carries
+      its own call's, or else the handled event's.
     """
 
     id: str
@@ -44,6 +47,7 @@ class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     timestamp: int = 0
     causation_id: str | None = None
     hops: int = 0
+    trace: str | None = None
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -86,17 +90,20 @@ def external_context(ids: IdGenerator) -> CausalContext:
     return CausalContext(event_id, "external", event_id, ("external",))
 
 
-def new_context(ids: IdGenerator, sender: str) -> CausalContext:
+def new_context(ids: IdGenerator, sender: str, trace: str | None = None) -> CausalContext:
     """The context of an event sent by ``sender`` now, inheriting from the running handler.
 
     Constant cost per hop: the path keeps its last ``PATH_LENGTH`` ids and ``hops`` counts.
+    ``trace`` (the sending call's traceparent) defaults to the handled event's.
     """
     event_id = ids()
     parent = current_event.get()
     now = time.time_ns() // 1_000_000
     if parent is None:
-        return CausalContext(event_id, sender, event_id, (sender,), now, None, 1)
+        return CausalContext(event_id, sender, event_id, (sender,), now, None, 1, trace)
     ctx = parent.context
+    if trace is None:
+        trace = ctx.trace
     path = ctx.path
     travelled = len(path)
     hops = ctx.hops
@@ -106,4 +113,6 @@ def new_context(ids: IdGenerator, sender: str) -> CausalContext:
         hops += 1
     if travelled >= PATH_LENGTH:
         path = path[travelled - PATH_LENGTH + 1 :]
-    return CausalContext(event_id, sender, ctx.correlation_id, (*path, sender), now, ctx.id, hops)
+    return CausalContext(
+        event_id, sender, ctx.correlation_id, (*path, sender), now, ctx.id, hops, trace
+    )

@@ -18,8 +18,9 @@ from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, invoke
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
+from happen._middleware import Middleware, MiddlewareStack, run_chain
 from happen._patterns import PatternLike, compile_pattern
-from happen._producer import produce
+from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._transport import Message, Subscription, Transport
 
@@ -30,12 +31,13 @@ log = logging.getLogger("happen")
 handler_log = logging.getLogger("happen.handlers")
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Middleware)
 
 
 class Work:
     """An admitted event waiting for, or holding, a slot."""
 
-    __slots__ = ("abandoned", "deadline", "event", "handler", "reply", "scope", "window")
+    __slots__ = ("abandoned", "deadline", "event", "handler", "made", "reply", "scope", "window")
 
     def __init__(
         self, event: Event, handler: Handler, reply: str, window: int, deadline: float | None
@@ -47,6 +49,7 @@ class Work:
         self.deadline = deadline
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
+        self.made: list[Any] | None = None  # generators the handler made, under middleware
 
 
 class Node:
@@ -68,8 +71,10 @@ class Node:
         broadcast_streams: LocalBroadcastStreams,
         idle_timeout: float,
         handlers_changed: Callable[[], None],
+        middleware: MiddlewareStack | None = None,
     ) -> None:
         self.id = node_id
+        self._middleware = middleware if middleware is not None else MiddlewareStack()
         self._handlers_changed = handlers_changed
         self._system_id = system_id
         self._wire = wire
@@ -140,6 +145,20 @@ class Node:
         self._handlers.add(handler)
         self._handlers_changed()
         self.sync_subscriptions()
+
+    def use(self, middleware: M) -> M:
+        """Run ``middleware`` around every handler execution of this node; returns it
+        unchanged (so ``@node.use`` works as a decorator).
+
+        ``async def middleware(event, context, call_next)``: ``await call_next(event)`` runs
+        the rest of the chain and the handler and returns its result (for a generator
+        handler, the async generator of its items); what the middleware returns is the
+        result, and what it raises fails the call (``HandlerError`` at the caller). The
+        system's middleware wraps the node's; each list runs in registration order, the
+        first registered outermost. Raises ``TypeError`` for anything but an async function.
+        """
+        self._middleware.add(middleware)
+        return middleware
 
     def hears(self, event_type: str) -> bool:
         """Whether a handler of this node matches ``event_type``."""
@@ -462,6 +481,10 @@ class Node:
             self._mailbox.failed += 1
             await self._reply(work, p.handler_failure(exc))
         finally:
+            if work.made:  # a middleware may have wrapped or dropped them: close them now
+                with anyio.CancelScope(shield=True):
+                    for agen in work.made:
+                        await aclose_quietly(agen)
             work.scope = None
             if work.reply:
                 self._inflight.pop(work.reply, None)
@@ -478,14 +501,26 @@ class Node:
         event = work.event
         limiter = runtime.limiter
         assert limiter is not None
+        chain = self._middleware.chain
+        if chain:
+            work.made = []
+            execution = run_chain(chain, self.id, handler, event, limiter, work.made)
+        else:
+            execution = invoke(handler.fn, handler.kind, event, {}, limiter)
+        result: Any = None
         try:
             if work.deadline is None:
-                result = await invoke(handler.fn, handler.kind, event, {}, limiter)
+                result = await execution
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
-                    result = await invoke(handler.fn, handler.kind, event, {}, limiter)
+                    result = await execution
+                    if inspect.isasyncgen(result):  # the deadline bounds it until its first item
+                        result = await first_item_ahead(result)
                 if scope.cancelled_caught:
                     mailbox.failed += 1
+                    if inspect.isasyncgen(result):
+                        with anyio.CancelScope(shield=True):
+                            await aclose_quietly(result)
                     await self._reply(work, self._timed_out(work))
                     return
         except runtime.cancelled:

@@ -9,7 +9,7 @@ a slow one has each item published as soon as it is yielded.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -257,6 +257,30 @@ async def produce(
         mailbox.failed += 1
         return
     mailbox.completed += 1
+
+
+async def first_item_ahead(agen: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, None]:
+    """Run ``agen`` to its first item now; return a generator yielding that item, then the
+    rest of ``agen`` (closing ``agen`` when it is closed). Raises what ``agen`` raised."""
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        return _nothing()
+
+    async def ahead() -> AsyncGenerator[Any, None]:
+        try:
+            yield first
+            async for item in agen:
+                yield item
+        finally:
+            await agen.aclose()
+
+    return ahead()
+
+
+async def _nothing() -> AsyncGenerator[Any, None]:
+    return
+    yield  # an async generator that yields nothing
 
 
 async def aclose_quietly(agen: AsyncIterator[Any]) -> None:

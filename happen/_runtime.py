@@ -8,6 +8,7 @@ it is filled in when the system starts (the backend is known only then).
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -17,6 +18,8 @@ from anyio.abc import TaskGroup
 from happen._signal import Signal, signal_factory
 
 __all__ = ["Runtime"]
+
+log = logging.getLogger("happen")
 
 _owner: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
     "happen_runtime", default=None
@@ -99,6 +102,8 @@ class Runtime:
         try:
             with scope:
                 await fn(*args)
+        except Exception:  # a bug of ours: logged, never raised into the system's task group
+            log.exception("a task of the system failed")
         finally:
             self._scopes.discard(scope)
             if not self._scopes and self._tasks_done is not None:

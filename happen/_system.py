@@ -9,7 +9,7 @@ import os
 import socket
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -27,7 +27,9 @@ from happen._errors import (
 from happen._events import IdGenerator
 from happen._ids import validate_node_id
 from happen._mailbox import Mailbox, NodeStats
+from happen._middleware import Middleware, MiddlewareStack
 from happen._node import Node
+from happen._observe import CallObserver
 from happen._runtime import Runtime
 from happen._transport import Message, Subscription, Transport
 from happen._wire import Wire
@@ -35,6 +37,8 @@ from happen._wire import Wire
 __all__ = ["System"]
 
 log = logging.getLogger("happen")
+
+M = TypeVar("M", bound=Middleware)
 
 
 def _positive(name: str, value: object, kind: type) -> Any:
@@ -106,6 +110,7 @@ class System:
         self._runtime = Runtime(worker_threads=self._threads)
         self._wire = Wire(self._codec, namespace)
         self._broadcast_streams = LocalBroadcastStreams()
+        self._middleware = MiddlewareStack()
         self._caller = Caller(
             wire=self._wire,
             runtime=self._runtime,
@@ -308,11 +313,37 @@ class System:
             broadcast_streams=self._broadcast_streams,
             idle_timeout=self._idle_timeout,
             handlers_changed=self._handlers_changed,
+            middleware=MiddlewareStack(self._middleware),
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox
         node.sync_subscriptions()
         return node
+
+    def use(self, middleware: M) -> M:
+        """Run ``middleware`` around every handler execution of every node of this system,
+        nodes created later included; returns it unchanged (``@system.use`` works too).
+
+        ``async def middleware(event, context, call_next)``, as for ``Node.use``. System
+        middleware wraps node middleware; each list runs in registration order, the first
+        registered outermost. Raises ``TypeError`` for anything but an async function.
+        """
+        self._middleware.add(middleware)
+        return middleware
+
+    def observe_calls(self, observer: CallObserver | None) -> None:
+        """Tell ``observer`` of every ``send``, ``stream`` and ``broadcast`` this system's
+        nodes make, from start to end (``None`` removes it). ``happen.otel`` uses this for
+        its client spans; see ``happen.CallObserver``.
+
+        Raises ``RuntimeError`` when another observer is set already.
+        """
+        current = self._caller.observer
+        if observer is not None and current is not None and current is not observer:
+            raise RuntimeError(
+                "this system has a call observer already: remove it with observe_calls(None) first"
+            )
+        self._caller.observer = observer
 
     def concurrency_for(self, node_id: str) -> ConcurrencySettings:
         """The concurrency settings that apply to ``node_id``."""

@@ -25,5 +25,19 @@ def test_multihost_demo() -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "OK: both workers served requests" in demo.stdout
-    assert demo.stdout.count("] ready") == 2
+    assert demo.stdout.count("serving ") == 2, "happen run --workers 2 served twice"
     assert "streaming 5 items:" in demo.stdout and "stream closed" in demo.stdout
+
+
+@pytest.mark.timeout(60)
+def test_the_service_examples_unit_tests_pass() -> None:
+    """examples/service/test_app.py shows how to unit-test handlers on the memory transport."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(EXAMPLES / "service" / "test_app.py")],
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "8 passed" in run.stdout

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -437,3 +438,36 @@ async def test_the_request_that_fills_the_queue_is_held(
         assert [f["k"] for f in frames if f["to"] == inboxes[2]] == ["hold"]
         release.set()
         await eventually(lambda: len([f for f in frames if f["k"] == "res"]) == 3)
+
+
+async def test_a_deadline_bounds_a_generator_handler_until_its_first_item(
+    transport_url: str,
+) -> None:
+    async with make_system(transport_url) as system:
+        node = system.create_node("gen")
+        closed = anyio.Event()
+
+        @node.on("late")
+        async def late(e: happen.Event, c: dict[str, Any]):  # type: ignore[no-untyped-def]
+            try:
+                await anyio.sleep_forever()  # never produces its first item
+                yield "never"
+            finally:
+                closed.set()
+
+        @node.on("prompt")
+        async def prompt(e: happen.Event, c: dict[str, Any]):  # type: ignore[no-untyped-def]
+            yield 1
+            await anyio.lowlevel.checkpoint()
+            yield 2
+
+        client = system.create_node("client")
+        with anyio.fail_after(WAIT):
+            with pytest.raises(happen.SendTimeout, match="handler for 'late' on node 'gen'"):
+                await client.send("gen", {"type": "late"}, timeout=0.5)
+            await closed.wait()  # the generator was closed
+            stream = await client.send("gen", {"type": "prompt"}, timeout=5)
+            assert [item async for item in stream] == [1, 2]
+        await drained(node)
+        stats = assert_accounted(node, 2)
+        assert (stats.completed, stats.failed) == (1, 1)

@@ -2,7 +2,8 @@
 
     python examples/multihost/producer.py [nats://127.0.0.1:4222] [jobs]
 
-With two or more ``worker.py`` processes running, the jobs are shared between them.
+With two or more worker processes running (``happen run worker:setup --workers 2``), the jobs
+are shared between them.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ async def main() -> None:
 
     print("served:", ", ".join(f"{name}: {n}" for name, n in sorted(served.items())))
     if len(served) < 2:
-        print("(only one worker answered: start another worker.py to see the load shared)")
+        print("(only one worker answered: run more workers to see the load shared)")
 
 
 if __name__ == "__main__":
     try:
         anyio.run(main)
     except happen.NodeNotFoundError:
-        sys.exit("no worker is running: start examples/multihost/worker.py first")
+        sys.exit("no worker is running: start them first (happen run worker:setup --workers 2)")

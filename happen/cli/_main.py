@@ -20,7 +20,17 @@ from happen.cli._exit import EXIT_USAGE, ApplicationError, CommandError, signal_
 from happen.cli._run import run
 from happen.cli._send import send
 from happen.cli._server import server
-from happen.cli._settings import CODEC, LOG_LEVEL, NAMESPACE, SETTINGS, TRANSPORT, WORKERS, Setting
+from happen.cli._settings import (
+    CODEC,
+    LOG_LEVEL,
+    METRICS_HOST,
+    METRICS_PORT,
+    NAMESPACE,
+    SETTINGS,
+    TRANSPORT,
+    WORKERS,
+    Setting,
+)
 from happen.cli._stats import stats
 
 __all__ = ["build_parser", "main"]
@@ -30,7 +40,9 @@ Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
 COMMANDS: dict[str, Command] = {"run": run, "send": send, "stats": stats, "server": server}
 
 ENVIRONMENT_HELP = "settings also come from the environment (the command line wins):\n" + "\n".join(
-    f"  {setting.env:<18} {setting.option} (default: {setting.default})" for setting in SETTINGS
+    f"  {setting.env:<20} {setting.option} "
+    f"(default: {'off' if setting.default is None else setting.default})"
+    for setting in SETTINGS
 )
 
 
@@ -78,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=ENVIRONMENT_HELP,
     )
     run_.add_argument("app", metavar="module:attr", help="e.g. myapp:setup or myapp:system")
-    for setting in (TRANSPORT, NAMESPACE, CODEC, WORKERS, LOG_LEVEL):
+    for setting in (TRANSPORT, NAMESPACE, CODEC, WORKERS, LOG_LEVEL, METRICS_PORT, METRICS_HOST):
         _add(run_, setting)
     run_.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 

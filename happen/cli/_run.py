@@ -17,6 +17,8 @@ from happen.cli._serve import serve
 from happen.cli._settings import (
     CODEC,
     LOG_LEVEL,
+    METRICS_HOST,
+    METRICS_PORT,
     NAMESPACE,
     TRANSPORT,
     WORKERS,
@@ -46,6 +48,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     codec = CODEC.resolve(args.codec, environ)
     workers = WORKERS.resolve(args.workers, environ)
     level = LOG_LEVEL.resolve(args.log_level, environ)
+    metrics_port = METRICS_PORT.resolve(args.metrics_port, environ)
+    metrics_host = METRICS_HOST.resolve(args.metrics_host, environ)
     logging.basicConfig(level=log_level(level.value), format=LOG_FORMAT, stream=sys.stderr)
     supervisor_pid: int | None = args.supervisor_pid
     app = Application.load(args.app)
@@ -55,6 +59,12 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             log.warning(notice)
     url = app.transport(transport)
     if workers.value > 1:
+        if metrics_port.value is not None:
+            raise CommandError(
+                f"{metrics_port.given} serves one process: with {workers.given}="
+                f"{workers.value} run one 'happen run' per port instead (or scrape "
+                f"'happen stats --json')"
+            )
         if url is not None and transport_kind(url) is TransportKind.MEMORY:
             raise CommandError(
                 f"{workers.given}={workers.value} needs a NATS transport: on 'memory' each "
@@ -75,7 +85,10 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return anyio.run(supervise, command, workers.value, env)
     where = url if url is not None else "the transport set in code"
     label = f"{args.app} on {where}"
-    anyio.run(_serve_app, app, label, transport, namespace, codec, supervisor_pid)
+    monitor = None
+    if metrics_port.value is not None:
+        monitor = (metrics_host.value, metrics_port.value)
+    anyio.run(_serve_app, app, label, transport, namespace, codec, supervisor_pid, monitor)
     return 0
 
 
@@ -86,10 +99,11 @@ async def _serve_app(
     namespace: Resolved[str],
     codec: Resolved[str],
     supervisor_pid: int | None,
+    monitor: tuple[str, int] | None,
 ) -> None:
     system = await app.make_system(transport, namespace, codec)
     label += f", namespace {system.namespace!r}"
     try:
-        await serve(system, label=label, supervisor_pid=supervisor_pid)
+        await serve(system, label=label, supervisor_pid=supervisor_pid, monitor=monitor)
     except happen.HappenError as exc:
         raise CommandError(f"cannot serve {app.target}: {exc}") from None

@@ -21,6 +21,8 @@ from happen.cli._exit import CommandError
 __all__ = [
     "CODEC",
     "LOG_LEVEL",
+    "METRICS_HOST",
+    "METRICS_PORT",
     "NAMESPACE",
     "SETTINGS",
     "TRANSPORT",
@@ -156,6 +158,23 @@ def _positive_int(raw: str, name: str) -> int:
     return value
 
 
+def _port(raw: str, name: str) -> int | None:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise CommandError(f"{name} must be a port number from 0 to 65535, not {raw!r}")
+    return value
+
+
+def _host(raw: str, name: str) -> str:
+    host = raw.strip()
+    if not host or any(c.isspace() for c in host):
+        raise CommandError(f"{name} must be an address to listen on, not {raw!r}")
+    return host
+
+
 def _choice(*choices: str) -> Callable[[str, str], str]:
     def parse(raw: str, name: str) -> str:
         value = raw.lower()
@@ -207,13 +226,32 @@ LOG_LEVEL: Setting[str] = Setting(
     "level of the logs on stderr: debug, info, warning or error",
 )
 
+METRICS_PORT: Setting[int | None] = Setting(
+    "--metrics-port",
+    "P",
+    "HAPPEN_METRICS_PORT",
+    _port,
+    None,
+    "serve /metrics (Prometheus), /healthz and /readyz over HTTP on this port (0: any free)",
+)
+METRICS_HOST: Setting[str] = Setting(
+    "--metrics-host",
+    "HOST",
+    "HAPPEN_METRICS_HOST",
+    _host,
+    "0.0.0.0",
+    "address the --metrics-port endpoint listens on (127.0.0.1: this machine only)",
+)
+
 #: Every setting that also comes from the environment, for the help text and the docs.
-SETTINGS: tuple[Setting[str] | Setting[int], ...] = (
+SETTINGS: tuple[Setting[str] | Setting[int] | Setting[int | None], ...] = (
     TRANSPORT,
     NAMESPACE,
     CODEC,
     WORKERS,
     LOG_LEVEL,
+    METRICS_PORT,
+    METRICS_HOST,
 )
 
 
