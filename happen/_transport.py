@@ -414,7 +414,8 @@ class KeyValue(Protocol):
 
     async def put(self, key: str, value: bytes, *, expect: int | None = None) -> int:
         """Write ``value`` and return its revision. Raises :class:`RevisionMismatch`,
-        :class:`~happen.PayloadTooLargeError` for a value over ``max_payload``, and
+        :class:`~happen.PayloadTooLargeError` for a value over ``max_payload - KV_HEADROOM``
+        bytes, and
         :class:`TransportError` for an invalid key or a transport failure."""
         ...
 
