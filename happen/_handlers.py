@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import pickle
+import sys
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +14,7 @@ import anyio
 from happen._events import Event
 from happen._patterns import Pattern
 
-__all__ = ["Handler", "HandlerTable", "invoke", "payload_type"]
+__all__ = ["Handler", "HandlerTable", "check_process_handler", "invoke", "payload_type"]
 
 ASYNC, AGEN, SYNC = 0, 1, 2
 
@@ -76,6 +78,31 @@ def payload_type(fn: Callable[..., Any]) -> Any:
         return None
     (payload,) = typing.get_args(annotation)
     return None if payload is Any else payload
+
+
+def check_process_handler(fn: Callable[..., Any]) -> None:
+    """Refuse, with ``TypeError``, a handler that cannot run in a worker process: anything
+    but a sync function (or callable) that pickles, by reference, into a process that
+    imports its module."""
+    if classify(fn) != SYNC:
+        raise TypeError(
+            f"handler {_name(fn)!r} is async: executor='process' runs plain sync functions "
+            "(CPU-bound work); register async handlers without it"
+        )
+    module = getattr(fn, "__module__", None)
+    if module == "__main__" and not hasattr(sys.modules["__main__"], "__file__"):
+        raise TypeError(
+            f"handler {_name(fn)!r} is defined in an interactive session or 'python -c', "
+            "which worker processes cannot import: define it in a module or a script file"
+        )
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"handler {_name(fn)!r} cannot be pickled for executor='process' ({exc}): "
+            "define it at the top level of a module (not a lambda, a nested function or "
+            "a closure)"
+        ) from None
 
 
 class Handler:

@@ -6,7 +6,7 @@ import heapq
 import inspect
 import logging
 from collections.abc import AsyncIterable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 
@@ -15,7 +15,7 @@ from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
 from happen._errors import CodecError, InvalidIdError, ValidationError
 from happen._events import Event, IdGenerator, current_event, external_context
-from happen._handlers import Handler, HandlerTable, invoke, payload_type
+from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
@@ -32,7 +32,7 @@ handler_log = logging.getLogger("happen.handlers")
 
 #: What ``node.on`` accepts as a handler: called with the event and the flow's context dict.
 #: An ``async def`` (awaited), an ``async def`` with ``yield`` (streamed), or a plain
-#: function (run in a worker thread).
+#: function (run in a worker thread, or a worker process with ``executor="process"``).
 HandlerFunction = Callable[[Event[Any], dict[str, Any]], Any]
 H = TypeVar("H", bound=HandlerFunction)
 M = TypeVar("M", bound=Middleware)
@@ -110,13 +110,25 @@ class Node:
     # ----- handlers -----------------------------------------------------------------
 
     @overload
-    def on(self, pattern: PatternLike) -> Callable[[H], H]: ...
+    def on(
+        self, pattern: PatternLike, *, executor: Literal["process"] | None = None
+    ) -> Callable[[H], H]: ...
 
     @overload
-    def on(self, pattern: PatternLike, handler: HandlerFunction) -> Callable[[], None]: ...
+    def on(
+        self,
+        pattern: PatternLike,
+        handler: HandlerFunction,
+        *,
+        executor: Literal["process"] | None = None,
+    ) -> Callable[[], None]: ...
 
     def on(
-        self, pattern: PatternLike, handler: HandlerFunction | None = None
+        self,
+        pattern: PatternLike,
+        handler: HandlerFunction | None = None,
+        *,
+        executor: Literal["process"] | None = None,
     ) -> Callable[[], None] | Callable[[H], H]:
         """Register ``handler`` for events matching ``pattern``.
 
@@ -128,20 +140,23 @@ class Node:
 
         A handler whose event parameter is annotated ``happen.Event[T]`` gets the payload
         converted to ``T``; a payload that does not fit is refused with ``ValidationError``
-        and the handler does not run.
+        and the handler does not run. ``executor="process"`` runs a sync handler in one of
+        the system's worker processes (CPU-bound work).
 
         Raises ``InvalidIdError`` for a malformed pattern; ``TypeError`` for a handler that
-        is not callable or is a sync generator, or a payload type msgspec cannot convert to.
+        is not callable or is a sync generator, a payload type msgspec cannot convert to, and
+        with ``executor="process"`` a handler that is not a sync function or cannot be
+        pickled; ``ValueError`` for an unknown ``executor``.
         """
         compiled = compile_pattern(pattern)
         if handler is None:
 
             def decorator(fn: H) -> H:
-                self._add(self._handler(compiled, fn))
+                self._add(self._handler(compiled, fn, executor))
                 return fn
 
             return decorator
-        entry = self._handler(compiled, handler)
+        entry = self._handler(compiled, handler, executor)
         self._add(entry)
 
         def unregister() -> None:
@@ -151,9 +166,14 @@ class Node:
 
         return unregister
 
-    def _handler(self, pattern: Pattern, fn: Callable[..., Any]) -> Handler:
+    def _handler(self, pattern: Pattern, fn: Callable[..., Any], executor: str | None) -> Handler:
+        if executor not in (None, "process"):
+            raise ValueError(f"executor must be 'process' or None, not {executor!r}")
         payload = payload_type(fn)
         convert = None if payload is None else self._wire.codec.converter(payload)
+        if executor == "process":
+            check_process_handler(fn)
+            fn = self._runtime.processes.handler(fn)
         return Handler(pattern, fn, convert)
 
     def _add(self, handler: Handler) -> None:

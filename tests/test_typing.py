@@ -98,6 +98,13 @@ BAD: dict[str, tuple[str, str]] = {
         """,
         '"on" of "Node"',
     ),
+    "unknown_executor": (
+        """
+        def handler(event: happen.Event, context: dict[str, Any]) -> None: ...
+        node.on("x", handler, executor="thread")  # error
+        """,
+        '"on" of "Node"',
+    ),
     "pattern_not_a_pattern": (
         """
         node.on(42, lambda event, context: None)  # error

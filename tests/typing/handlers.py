@@ -62,3 +62,9 @@ def setup(node: happen.Node) -> None:
     assert_type(unregister, Callable[[], None])
     unregister()
     node.on("lambda", lambda event, context: event.payload)
+    node.on("cpu", sync, executor="process")
+    node.on("cpu-none", sync, executor=None)
+
+    @node.on("cpu.decorated", executor="process")
+    def crunch(event: happen.Event[list[int]], context: dict[str, Any]) -> int:
+        return sum(event.payload)
