@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import sys
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -65,8 +66,11 @@ def payload_type(fn: Callable[..., Any]) -> Any:
         return None
     annotation = first.annotation
     if isinstance(annotation, str):
+        # This one annotation, in the handler's module: the others may not resolve.
+        only = types.SimpleNamespace(__annotations__={first.name: annotation})
+        module = getattr(inspect.unwrap(target), "__globals__", None)
         try:
-            annotation = typing.get_type_hints(target).get(first.name)
+            annotation = typing.get_type_hints(only, globalns=module)[first.name]
         except Exception as exc:
             if "Event[" not in annotation:
                 return None  # not a typed event: the handler gets the payload as decoded

@@ -344,8 +344,15 @@ async def test_an_annotation_that_cannot_be_used_is_refused_at_registration(
         async def opaque(event: happen.Event[Opaque], context: dict[str, Any]) -> None:
             pass
 
+        async def local_result(event: happen.Event[Order], context: dict[str, Any]) -> Local:
+            return Local(event.payload.id)
+
         with pytest.raises(TypeError, match="module level"):
             node.on("a", local)
+        node.on("c", local_result)  # only the event's annotation is read
+        client = system.create_node("client")
+        with pytest.raises(happen.ValidationError):
+            await client.send("n", {"type": "c", "payload": {"id": "x"}})
         with pytest.raises(TypeError, match="Opaque"):
             node.on("b", opaque)
         assert not node.hears("a") and not node.hears("b")
