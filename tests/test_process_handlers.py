@@ -289,3 +289,21 @@ async def test_the_workers_exit_when_the_system_stops(transport_url: str) -> Non
         return False
 
     await eventually(gone, timeout=10)
+
+
+async def test_middleware_wraps_a_process_handler(transport_url: str) -> None:
+    async with make_system(transport_url) as system:
+        seen: list[str] = []
+
+        @system.use
+        async def around(
+            event: happen.Event, context: dict[str, Any], call_next: happen.CallNext
+        ) -> Any:
+            seen.append(event.type)
+            return {"wrapped": await call_next(event)}
+
+        cruncher = system.create_node("cruncher")
+        cruncher.on("double", Doubler(), executor="process")
+        client = system.create_node("client")
+        assert await client.send("cruncher", {"type": "double", "payload": 4}) == {"wrapped": 8}
+        assert seen == ["double"]

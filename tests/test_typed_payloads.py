@@ -412,3 +412,58 @@ async def test_a_foreign_client_reads_error_type_validation_error(nats_server: A
         assert answer["k"] == "err" and answer["code"] == "bad_request"
         assert answer["error_type"] == "ValidationError"
         assert answer["message"].endswith("- at `$.items[0].qty`")
+
+
+class _Watch:
+    trace = None
+
+    def __init__(self, ended: list[str | None]) -> None:
+        self._ended = ended
+
+    def ended(self, error: BaseException | None) -> None:
+        self._ended.append(type(error).__name__ if error else None)
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.ended: list[str | None] = []
+
+    def call_started(
+        self, operation: str, sender: str, target: str | None, event_type: str
+    ) -> _Watch:
+        return _Watch(self.ended)
+
+
+async def test_typed_results_and_items_of_observed_calls(transport_url: str) -> None:
+    """With a call observer (telemetry), calls take another path: typed all the same."""
+    async with make_system(transport_url) as system:
+        observer = _Observer()
+        system.observe_calls(observer)
+        billing = system.create_node("billing")
+
+        @billing.on("invoice")
+        async def invoice(event: happen.Event, context: dict[str, Any]) -> dict[str, Any]:
+            return {"order": 1, "total": event.payload}
+
+        @billing.on("invoices")
+        async def invoices(event: happen.Event, context: dict[str, Any]) -> AsyncIterator[Any]:
+            yield {"order": 1, "total": 2}
+            yield {"order": 2, "total": "three"}
+
+        client = system.create_node("client")
+        result = await client.send(
+            "billing", {"type": "invoice", "payload": 5}, result_type=Invoice
+        )
+        assert result == Invoice(1, 5)
+        with pytest.raises(happen.ValidationError, match=r"\$\.total"):
+            await client.send("billing", {"type": "invoice", "payload": "x"}, result_type=Invoice)
+        with pytest.raises(happen.ValidationError, match="stream"):
+            await client.send("billing", {"type": "invoices"}, result_type=Invoice)
+        got: list[Invoice] = []
+        with pytest.raises(happen.ValidationError, match=r"\$\.total"):
+            async for item in client.stream("billing", {"type": "invoices"}, item_type=Invoice):
+                got.append(item)
+        assert got == [Invoice(1, 2)]
+        await eventually(lambda: len(observer.ended) == 4)
+        assert observer.ended[:3] == [None, None, None]  # the calls themselves succeeded
+        assert observer.ended[3] == "ValidationError"  # the stream ended with the error
