@@ -62,7 +62,11 @@ def failure_to_error(frame: p.Failure, target: str) -> HappenError:
 
 
 class Call:
-    """One request in flight: its inbox token, the frames received, the pressure hold."""
+    """One request in flight: its inbox token, the frames received, the pressure hold.
+
+    ``secret`` proves this system owns the call when it cancels or abandons it (the request
+    carries only its digest).
+    """
 
     __slots__ = (
         "_frames",
@@ -74,6 +78,7 @@ class Call:
         "held",
         "probe",
         "reserved",
+        "secret",
         "target",
         "token",
         "waiting",
@@ -83,6 +88,7 @@ class Call:
         self.caller = caller
         self.target = target
         self.token = ""
+        self.secret = p.new_secret()
         self.control: str | None = None
         self.held = False
         self.gate: Any = None  # the RemoteGate this call holds, after a "hold"
@@ -278,6 +284,7 @@ class _RoundTrip:
     __slots__ = ("done",)
     abandoned = False
     target = "(round trip)"
+    secret = ""
 
     def __init__(self, done: Signal) -> None:
         self.done = done
@@ -352,7 +359,13 @@ class Caller:
         return target_id, validate_event_type(event["type"]), event.get("payload")
 
     def request_frame(
-        self, sender: str, event_type: str, payload: Any, timeout: float | None, priority: int
+        self,
+        sender: str,
+        event_type: str,
+        payload: Any,
+        timeout: float | None,
+        priority: int,
+        call: Call,
     ) -> tuple[p.Request, bytes]:
         """The request frame and its encoding (encoded now, so bad payloads fail here)."""
         if type(priority) is not int:
@@ -364,7 +377,14 @@ class Caller:
             timeout_ms = max(1, int(timeout * 1000))
         context = new_context(self._ids, sender)
         frame = p.Request(
-            event_type, payload, context, priority, self.window, timeout_ms, self._system_id
+            event_type,
+            payload,
+            context,
+            priority,
+            self.window,
+            timeout_ms,
+            self._system_id,
+            seal=p.seal_of(call.secret),
         )
         return frame, self.wire.encode(frame)
 
@@ -372,8 +392,8 @@ class Caller:
         self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
-        frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
+        frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
         first = await self._open_within(timeout, call, frame, data)
         if type(first) is p.Result:
             return first.value
@@ -383,8 +403,8 @@ class Caller:
         self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
     ) -> Stream:
         target_id, event_type, payload = self.prepare(target, event)
-        frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
         call = Call(self, target_id)
+        frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
 
         async def opener() -> Any:
             return await self._open_within(timeout, call, frame, data)
@@ -517,18 +537,21 @@ class Caller:
             return
         if call.control is not None:
             wire.forget(call.token)
-            try:
-                await wire.publish(call.control, p.Cancel())
-            except Exception as exc:
-                p.log.debug("could not cancel a stream: %s", exc)
+            await self._tell(call.control, p.Cancel(call.secret))
         else:
             call.abandoned = True  # a stream that starts later is cancelled at once
-            try:
-                await wire.publish(
-                    wire.cancel_subject(call.target), p.Abandon(wire.inbox_prefix + call.token)
-                )
-            except Exception as exc:
-                p.log.debug("could not tell node %r the call was abandoned: %s", call.target, exc)
+            await self._tell(
+                wire.cancel_subject(call.target),
+                p.Abandon(wire.inbox_prefix + call.token, call.secret),
+            )
+
+    async def _tell(self, subject: str, frame: p.Cancel | p.Abandon) -> None:
+        """Publish a cancel or an abandon; a failure is logged, not raised (the producer's
+        idle bound is the fallback)."""
+        try:
+            await self.wire.publish(subject, frame)
+        except Exception as exc:
+            p.log.debug("could not tell %s the caller is gone: %s", subject, exc)
 
     def gate_for(self, target: str) -> RemoteGate:
         gate = self._gates.get(target)

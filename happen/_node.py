@@ -32,16 +32,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Work:
     """An admitted event waiting for, or holding, a slot."""
 
-    __slots__ = ("abandoned", "deadline", "event", "handler", "reply", "scope", "window")
+    __slots__ = ("abandoned", "deadline", "event", "handler", "reply", "scope", "seal", "window")
 
     def __init__(
-        self, event: Event, handler: Handler, reply: str, window: int, deadline: float | None
+        self,
+        event: Event,
+        handler: Handler,
+        reply: str,
+        window: int,
+        deadline: float | None,
+        seal: str = "",
     ) -> None:
         self.event = event
         self.handler = handler
         self.reply = reply
         self.window = window
         self.deadline = deadline
+        self.seal = seal  # the digest of the caller's secret; "" from a foreign client
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
 
@@ -296,7 +303,9 @@ class Node:
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
+        work = Work(
+            Event(req.type, req.payload, context), handler, reply, window, deadline, req.seal
+        )
         if reply:
             self._inflight[reply] = work
         if not mailbox.offer(work, req.priority):
@@ -324,6 +333,12 @@ class Node:
         work = self._inflight.get(frame.reply)
         if work is None:
             wire.stray_frames += 1  # finished already, or another instance has it
+            return
+        if work.seal and not p.seal_matches(work.seal, frame.secret):
+            # Whoever saw the request knows its reply subject; only its caller knows the secret.
+            wire.report_violation(
+                f"node {self.id!r} cancel", "ignored an abandon without the call's secret"
+            )
             return
         work.abandoned = True
         if work.scope is not None:

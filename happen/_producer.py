@@ -30,14 +30,39 @@ BATCH_LIMIT = 64
 
 
 class Producer:
-    """Credit from the consumer, and its cancel; fed by the system's inbox callback."""
+    """Credit from the consumer, and its cancel; fed by the system's inbox callback.
 
-    __slots__ = ("_wake", "abandoned", "cancelled", "credit", "lost", "scope", "signal", "target")
+    A cancel counts only with the secret whose digest is ``seal`` (when the request had
+    one); ``report`` is told of any other, which is otherwise ignored.
+    """
 
-    def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
+    __slots__ = (
+        "_wake",
+        "abandoned",
+        "cancelled",
+        "credit",
+        "lost",
+        "report",
+        "scope",
+        "seal",
+        "signal",
+        "target",
+    )
+    secret = ""  # the route protocol's field: a producer sends no cancel of its own
+
+    def __init__(
+        self,
+        credit: int,
+        signal: Callable[[], Signal],
+        *,
+        seal: str = "",
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self.signal = signal
         self.target = ""  # the route protocol's field; a producer has no target node
         self.credit = credit
+        self.seal = seal
+        self.report = report
         self.cancelled = False
         self.lost = False  # cut off by the transport, not cancelled by the consumer
         self.abandoned = False
@@ -45,12 +70,17 @@ class Producer:
         self._wake: Signal | None = None
 
     def feed(self, frame: Any) -> None:
-        if type(frame) is p.Credit:
+        kind = type(frame)
+        if kind is p.Credit:
             if frame.n > 0:
                 self.credit += frame.n
                 if self._wake is not None:
                     self._wake.set()
-        elif type(frame) is p.Cancel:
+        elif kind is p.Cancel:
+            if self.seal and not p.seal_matches(self.seal, frame.secret):
+                if self.report is not None:
+                    self.report("ignored a cancel without the stream's secret")
+                return
             self.cancel()
         elif isinstance(frame, BaseException):  # the connection was lost or the system stops
             self.lost = True
@@ -155,6 +185,7 @@ class Conversation(Protocol):
     reply: str  # the caller's inbox; "" for a broadcast (nobody to reply to)
     window: int  # the credit the caller granted up front
     abandoned: bool  # the caller gave up
+    seal: str  # the digest of the caller's secret ("" from a client that sent none)
 
 
 async def publish_items(wire: p.Wire, reply: str, items: list[Any]) -> None:
@@ -186,7 +217,13 @@ async def produce(
     consumer vanished or read nothing for ``idle_timeout``, the system stopped).
     """
     reply = conversation.reply
-    producer = Producer(conversation.window if reply else 1 << 62, runtime.signal)
+    where = f"node {node_id!r} stream"
+    producer = Producer(
+        conversation.window if reply else 1 << 62,
+        runtime.signal,
+        seal=conversation.seal,
+        report=lambda message: wire.report_violation(where, message),
+    )
     control = wire.register(producer) if reply else ""  # the inbox token
     outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
 
