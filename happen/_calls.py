@@ -3,7 +3,8 @@
 
 A ``Call`` is registered on the wire under an inbox token; the wire's inbox callback feeds it
 frames. ``Stream`` reads chunks and grants credit back to the producer as it consumes them,
-so the producer is never more than one window ahead of the reader.
+so the producer is never more than one window ahead of the reader. A call checks the
+stream's frames as they arrive: items numbered in order, none missing.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ class Call:
     """One request in flight: its inbox token, the frames received, the pressure hold.
 
     ``secret`` proves this system owns the call when it cancels or abandons it (the request
-    carries only its digest).
+    carries only its digest). For a stream, ``received`` is how many items arrived: a frame
+    out of sequence cuts the stream off with ``TransportError``.
     """
 
     __slots__ = (
@@ -74,9 +76,11 @@ class Call:
         "abandoned",
         "caller",
         "control",
+        "ended",
         "gate",
         "held",
         "probe",
+        "received",
         "reserved",
         "secret",
         "target",
@@ -95,23 +99,36 @@ class Call:
         self.probe: Any = None  # the RemoteGate this call probes for
         self.abandoned = False
         self.waiting = True  # no final frame and no stream start yet
+        self.ended = False  # a final frame (or an error) is queued: nothing more is taken
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
+        self.received = 0
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
-        if type(frame) is p.Hold:
+        if self.ended:
+            return  # after the end: a duplicate, or a frame of a stream cut off
+        kind = type(frame)
+        if kind is p.Chunk or kind is p.Chunks:
+            self._take_items(frame, 1 if kind is p.Chunk else len(frame.items))
+            return
+        if kind is p.Hold:
             if not self.held:
                 self.held = True
                 self.gate = self.caller.gate_for(self.target)
                 self.gate.hold()
             self._probed()
             return
-        if type(frame) is p.Ack:
+        if kind is p.Ack:
             self.release()
             return
-        if type(frame) is p.StreamStart:
+        if kind is p.StreamEnd and frame.count is not None and frame.count != self.received:
+            self._cut(self._missing(self.received, frame.count, f"the end after {frame.count}"))
+            return
+        if kind is p.StreamStart:
+            if self.control is not None:
+                return  # a second start: ignored
             self._probed()
             self.control = frame.control
             self.waiting = False
@@ -119,10 +136,50 @@ class Call:
         elif isinstance(frame, _FINAL) or isinstance(frame, BaseException):
             self.release()
             self.waiting = False
+            self.ended = True
             self.caller.answered()
         self._frames.append(frame)
         if self._wake is not None:
             self._wake.set()
+
+    def _take_items(self, frame: p.Chunk | p.Chunks, n: int) -> None:
+        """Queue a frame of ``n`` items, checking its sequence."""
+        received = self.received
+        seq = frame.seq
+        if seq is not None and seq != received:  # a producer that numbers its items
+            self._cut(self._missing(received, seq, f"item {seq}"))
+            return
+        self.received = received + n
+        if n:  # an empty "chunks" frame carries nothing
+            self._frames.append(frame)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _missing(self, expected: int, got: int, what: str) -> TransportError:
+        """The error for a frame numbered ``got`` (``what``) where item ``expected`` was due."""
+        closed = "the stream was closed and its producer cancelled"
+        if got > expected:
+            if got == expected + 1:
+                lost, them = f"item {expected}", "it"
+            else:
+                lost, them = f"items {expected}-{got - 1}", "them"
+            return TransportError(
+                f"stream from node {self.target!r} lost {lost} in transit ({what} arrived "
+                f"after {them}): {closed}"
+            )
+        return TransportError(
+            f"stream from node {self.target!r} is out of sequence: {what} arrived where item "
+            f"{expected} was due: {closed}"
+        )
+
+    def _cut(self, error: TransportError) -> None:
+        """End the stream with ``error`` after the items already queued; stop the producer."""
+        self.ended = True
+        self.waiting = False
+        self._frames.append(error)
+        if self._wake is not None:
+            self._wake.set()
+        self.caller.discard(self)
 
     def _probed(self) -> None:
         if self.probe is not None:
@@ -152,7 +209,9 @@ class Stream:
 
     ``async for item in stream`` yields the producer's items; leaving ``async with`` or
     calling ``aclose()`` early cancels the producer (its ``finally`` blocks run). A failure
-    of the producer raises ``HandlerError`` after the items that came before it.
+    of the producer raises ``HandlerError`` after the items that came before it. Items lost
+    in transit raise ``TransportError`` (naming the node and the missing items) and cancel
+    the producer: items are never skipped silently.
     """
 
     def __init__(
@@ -544,6 +603,22 @@ class Caller:
                 wire.cancel_subject(call.target),
                 p.Abandon(wire.inbox_prefix + call.token, call.secret),
             )
+
+    def discard(self, call: Call) -> None:
+        """Forget ``call`` now and stop its producer in the background (a stream cut off
+        for a gap). Synchronous; never raises."""
+        wire = self.wire
+        reply = wire.inbox_prefix + call.token
+        self.forget(call)
+        frame: p.Cancel | p.Abandon
+        if call.control is not None:
+            subject, frame = call.control, p.Cancel(call.secret)
+        else:
+            subject, frame = wire.cancel_subject(call.target), p.Abandon(reply, call.secret)
+        try:
+            self.runtime.spawn(self._tell, subject, frame)
+        except Exception:  # the system is not running: the producer's idle bound ends it
+            p.log.debug("could not cancel the producer of a stream from %r", call.target)
 
     async def _tell(self, subject: str, frame: p.Cancel | p.Abandon) -> None:
         """Publish a cancel or an abandon; a failure is logged, not raised (the producer's

@@ -32,8 +32,9 @@ BATCH_LIMIT = 64
 class Producer:
     """Credit from the consumer, and its cancel; fed by the system's inbox callback.
 
-    A cancel counts only with the secret whose digest is ``seal`` (when the request had
-    one); ``report`` is told of any other, which is otherwise ignored.
+    ``sent`` counts the items handed to the transport (the next item's number). A cancel
+    counts only with the secret whose digest is ``seal`` (when the request had one);
+    ``report`` is told of any other, which is otherwise ignored.
     """
 
     __slots__ = (
@@ -45,6 +46,7 @@ class Producer:
         "report",
         "scope",
         "seal",
+        "sent",
         "signal",
         "target",
     )
@@ -61,6 +63,7 @@ class Producer:
         self.signal = signal
         self.target = ""  # the route protocol's field; a producer has no target node
         self.credit = credit
+        self.sent = 0  # items handed to the transport
         self.seal = seal
         self.report = report
         self.cancelled = False
@@ -188,17 +191,21 @@ class Conversation(Protocol):
     seal: str  # the digest of the caller's secret ("" from a client that sent none)
 
 
-async def publish_items(wire: p.Wire, reply: str, items: list[Any]) -> None:
-    """One frame for the batch; split in halves if it is over the transport's limit."""
-    frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
+async def publish_items(wire: p.Wire, reply: str, items: list[Any], producer: Producer) -> None:
+    """One frame for the batch, numbered from ``producer.sent``; split in halves if it is
+    over the transport's limit."""
+    seq = producer.sent
+    frame = p.Chunk(items[0], seq) if len(items) == 1 else p.Chunks(items, seq)
+    producer.sent = seq + len(items)
     try:
         await wire.publish(reply, frame)
     except PayloadTooLargeError:
+        producer.sent = seq  # refused before anything was sent
         if len(items) == 1:
             raise
         half = len(items) // 2
-        await publish_items(wire, reply, items[:half])
-        await publish_items(wire, reply, items[half:])
+        await publish_items(wire, reply, items[:half], producer)
+        await publish_items(wire, reply, items[half:], producer)
 
 
 async def produce(
@@ -229,7 +236,7 @@ async def produce(
 
     async def publish(items: list[Any]) -> None:
         if reply:
-            await publish_items(wire, reply, items)
+            await publish_items(wire, reply, items, producer)
 
     async def answer(frame: Any) -> None:
         if reply:
@@ -276,7 +283,7 @@ async def produce(
         )
         await answer(p.Failure(p.TIMEOUT, message))
         return
-    if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd()):
+    if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd(producer.sent)):
         mailbox.failed += 1
         return
     mailbox.completed += 1

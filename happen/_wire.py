@@ -107,19 +107,24 @@ class StreamStart(_Frame, tag="start"):
 
 
 class Chunk(_Frame, tag="chunk"):
-    """One streamed item."""
+    """One streamed item; ``seq`` is its index in the stream, from 0."""
 
     item: Any = None
+    seq: int | None = None  # None from a producer that does not number its items
 
 
 class Chunks(_Frame, tag="chunks"):
-    """Several streamed items in order (each counts as one item against the credit)."""
+    """Several streamed items in order (each counts as one item against the credit);
+    ``seq`` is the index of the first."""
 
     items: list[Any]
+    seq: int | None = None
 
 
 class StreamEnd(_Frame, tag="end"):
-    """The stream finished (final)."""
+    """The stream finished (final) after ``count`` items."""
+
+    count: int | None = None
 
 
 class Credit(_Frame, tag="credit"):

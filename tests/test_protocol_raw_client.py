@@ -282,6 +282,11 @@ async def test_streamed_reply_with_credit_and_early_cancel(
         assert inbox.frames[0]["k"] == "start" and inbox.frames[0]["control"]
         assert set(inbox.kinds[1:-1]) <= {"chunk", "chunks"}
         assert inbox.items == [{"i": i} for i in range(3)]
+        # Each frame numbers its first item; the end counts them all.
+        seqs = [f["seq"] for f in inbox.frames[1:-1]]
+        sizes = [len(f["items"]) if f["k"] == "chunks" else 1 for f in inbox.frames[1:-1]]
+        assert seqs == [sum(sizes[:i]) for i in range(len(sizes))]
+        assert inbox.frames[-1] == {"k": "end", "count": 3}
 
         # A window of 2: the producer stops after 2 items until the client grants more.
         finalised = anyio.Event()
