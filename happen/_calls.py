@@ -4,7 +4,7 @@
 A ``Call`` is registered on the wire under an inbox token; the wire's inbox callback feeds it
 frames. ``Stream`` reads chunks and grants credit back to the producer as it consumes them,
 so the producer is never more than one window ahead of the reader. A call checks the
-stream's frames as they arrive: items numbered in order, none missing.
+stream's frames as they arrive: items numbered in order, none beyond the credit granted.
 """
 
 from __future__ import annotations
@@ -66,14 +66,16 @@ class Call:
     """One request in flight: its inbox token, the frames received, the pressure hold.
 
     ``secret`` proves this system owns the call when it cancels or abandons it (the request
-    carries only its digest). For a stream, ``received`` is how many items arrived: a frame
-    out of sequence cuts the stream off with ``TransportError``.
+    carries only its digest). For a stream, ``allowed`` is how many items the consumer has
+    granted (the window plus the credit it sent) and ``received`` how many arrived: a frame
+    out of sequence, or beyond ``allowed``, cuts the stream off with ``TransportError``.
     """
 
     __slots__ = (
         "_frames",
         "_wake",
         "abandoned",
+        "allowed",
         "caller",
         "control",
         "ended",
@@ -101,6 +103,7 @@ class Call:
         self.waiting = True  # no final frame and no stream start yet
         self.ended = False  # a final frame (or an error) is queued: nothing more is taken
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
+        self.allowed = caller.window
         self.received = 0
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
@@ -143,13 +146,22 @@ class Call:
             self._wake.set()
 
     def _take_items(self, frame: p.Chunk | p.Chunks, n: int) -> None:
-        """Queue a frame of ``n`` items, checking its sequence."""
+        """Queue a frame of ``n`` items, checking its sequence and the credit."""
         received = self.received
         seq = frame.seq
         if seq is not None and seq != received:  # a producer that numbers its items
             self._cut(self._missing(received, seq, f"item {seq}"))
             return
-        self.received = received + n
+        received += n
+        if received > self.allowed:
+            self._cut(
+                TransportError(
+                    f"node {self.target!r} sent {received} items where the consumer had "
+                    f"granted {self.allowed}: a producer that ignores credit is cut off"
+                )
+            )
+            return
+        self.received = received
         if n:  # an empty "chunks" frame carries nothing
             self._frames.append(frame)
             if self._wake is not None:
@@ -210,8 +222,9 @@ class Stream:
     ``async for item in stream`` yields the producer's items; leaving ``async with`` or
     calling ``aclose()`` early cancels the producer (its ``finally`` blocks run). A failure
     of the producer raises ``HandlerError`` after the items that came before it. Items lost
-    in transit raise ``TransportError`` (naming the node and the missing items) and cancel
-    the producer: items are never skipped silently.
+    in transit, or a producer that sends more than the credit granted, raise
+    ``TransportError`` (naming the node and the missing items) and cancel the producer:
+    items are never skipped silently.
     """
 
     def __init__(
@@ -314,11 +327,13 @@ class Stream:
         """One more item read: grant credit back every half window."""
         self._consumed += 1
         if self._consumed - self._granted >= self._grant_at:
-            control = self._call.control
+            call = self._call
+            control = call.control
             if control:
                 n = self._consumed - self._granted
                 self._granted = self._consumed
-                await self._call.caller.wire.publish(control, p.Credit(n))
+                call.allowed += n
+                await call.caller.wire.publish(control, p.Credit(n))
         return item
 
     def _finish(self) -> None:
@@ -606,7 +621,7 @@ class Caller:
 
     def discard(self, call: Call) -> None:
         """Forget ``call`` now and stop its producer in the background (a stream cut off
-        for a gap). Synchronous; never raises."""
+        for a protocol error). Synchronous; never raises."""
         wire = self.wire
         reply = wire.inbox_prefix + call.token
         self.forget(call)

@@ -32,9 +32,11 @@ BATCH_LIMIT = 64
 class Producer:
     """Credit from the consumer, and its cancel; fed by the system's inbox callback.
 
-    ``sent`` counts the items handed to the transport (the next item's number). A cancel
-    counts only with the secret whose digest is ``seal`` (when the request had one);
-    ``report`` is told of any other, which is otherwise ignored.
+    ``sent`` counts the items handed to the transport. A consumer can grant credit only for
+    items it has read, so credit beyond ``sent`` in all (the window aside) breaks the
+    protocol: the producer stops and ``violation`` says why. A cancel counts only with the
+    secret whose digest is ``seal`` (when the request had one); ``report`` is told of any
+    other, which is otherwise ignored.
     """
 
     __slots__ = (
@@ -42,6 +44,7 @@ class Producer:
         "abandoned",
         "cancelled",
         "credit",
+        "granted",
         "lost",
         "report",
         "scope",
@@ -49,6 +52,7 @@ class Producer:
         "sent",
         "signal",
         "target",
+        "violation",
     )
     secret = ""  # the route protocol's field: a producer sends no cancel of its own
 
@@ -63,11 +67,13 @@ class Producer:
         self.signal = signal
         self.target = ""  # the route protocol's field; a producer has no target node
         self.credit = credit
+        self.granted = 0  # credit received in Credit frames, in all
         self.sent = 0  # items handed to the transport
         self.seal = seal
         self.report = report
         self.cancelled = False
         self.lost = False  # cut off by the transport, not cancelled by the consumer
+        self.violation = ""  # why the consumer's frames broke the protocol, if they did
         self.abandoned = False
         self.scope: anyio.CancelScope | None = None
         self._wake: Signal | None = None
@@ -75,8 +81,17 @@ class Producer:
     def feed(self, frame: Any) -> None:
         kind = type(frame)
         if kind is p.Credit:
-            if frame.n > 0:
-                self.credit += frame.n
+            n = frame.n
+            if n > 0:
+                self.granted += n
+                if self.granted > self.sent:
+                    self.violation = (
+                        f"the consumer granted credit for {self.granted} items in all, but only "
+                        f"{self.sent} were sent: credit is given for items read"
+                    )
+                    self.cancel()
+                    return
+                self.credit += n
                 if self._wake is not None:
                     self._wake.set()
         elif kind is p.Cancel:
@@ -196,7 +211,7 @@ async def publish_items(wire: p.Wire, reply: str, items: list[Any], producer: Pr
     over the transport's limit."""
     seq = producer.sent
     frame = p.Chunk(items[0], seq) if len(items) == 1 else p.Chunks(items, seq)
-    producer.sent = seq + len(items)
+    producer.sent = seq + len(items)  # before the await: credit for them may come at once
     try:
         await wire.publish(reply, frame)
     except PayloadTooLargeError:
@@ -275,6 +290,11 @@ async def produce(
         wire.forget(control)
     if outcome == "cancelled" and producer.lost:
         mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
+        return
+    if producer.violation:
+        mailbox.failed += 1
+        wire.report_violation(where, f"stopped a stream: {producer.violation}")
+        await answer(p.Failure(p.BAD_REQUEST, f"{where} stopped: {producer.violation}"))
         return
     if outcome == "idle":
         mailbox.failed += 1

@@ -122,7 +122,8 @@ class System:
     @property
     def bad_inputs(self) -> int:
         """Malformed frames this system received (all nodes together), and frames that break
-        the protocol (a cancel without the call's secret): refused and counted."""
+        the protocol (a cancel without the call's secret, credit never earned): refused and
+        counted."""
         return self._wire.bad_inputs
 
     @property

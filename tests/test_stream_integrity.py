@@ -1,15 +1,18 @@
-"""A stream never skips items silently.
+"""A stream never skips items silently and never buffers beyond its credit.
 
 Items are numbered: a frame lost in transit ends the stream with ``TransportError`` naming the
-node and the missing items, and cancels the producer.
+node and the missing items, and cancels the producer. A producer that ignores credit is cut
+off; a consumer that grants credit it never earned stops the producer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,7 +23,7 @@ import pytest
 import happen
 from happen._transport import Message, MessageCallback, Subscription, Transport, TransportListener
 from tests.conftest import NatsServer
-from tests.helpers import assert_accounted, drained, unique_namespace
+from tests.helpers import assert_accounted, drained, eventually, unique_namespace
 from tests.raw_peer import WAIT, Heard, RawPeer
 
 pytestmark = pytest.mark.anyio
@@ -218,6 +221,103 @@ async def test_a_producers_sequence_is_checked(
         assert got == items
         with anyio.fail_after(WAIT):
             await system.idle()
+
+
+async def test_a_producer_that_ignores_credit_is_cut_off(
+    make_transport: Callable[[], Transport],
+) -> None:
+    window, sent = 4, 10_000
+    system = happen.System(
+        transport=make_transport(), namespace=unique_namespace(), stream_window=window
+    )
+    peer = await RawPeer(make_transport()).start()
+    kilobyte = "x" * 1024
+    flood = [{"k": "chunk", "item": kilobyte, "seq": i} for i in range(sent)]
+    async with system:
+        requests, control = await serve_raw_stream(peer, f"{system.namespace}.node.feed", [])
+        client = system.create_node("client")
+        stream = client.stream("feed", {"type": "items"})
+        got: list[str] = []
+        tracemalloc.start()
+        try:
+            async with stream:
+                await requests.wait_for(1)
+                (msg, request) = requests.messages[0]
+                assert request["window"] == window
+                # The producer ignores the credit: 10 MB of items for a window of 4.
+                before = tracemalloc.get_traced_memory()[0]
+                for frame in flood:
+                    await peer.publish(msg.reply, frame)
+                # everything past the cut-off arrives as stray frames: nothing is buffered
+                await eventually(lambda: system.stray_frames >= sent - window - 1, timeout=WAIT)
+                growth = tracemalloc.get_traced_memory()[0] - before
+                with pytest.raises(happen.TransportError, match="granted 4") as info:
+                    async for item in stream:
+                        got.append(item)
+        finally:
+            tracemalloc.stop()
+        assert "'feed'" in str(info.value)
+        assert got == [kilobyte] * window
+        assert growth < 1024 * 1024, f"{growth} bytes buffered for a window of {window}"
+        await control.wait_until(lambda: "cancel" in control.kinds)
+
+
+def items_of(heard: Heard) -> list[Any]:
+    """The streamed items among the frames ``heard``, in order."""
+    items: list[Any] = []
+    for frame in heard.frames:
+        if frame.get("k") == "chunk":
+            items.append(frame.get("item"))
+        elif frame.get("k") == "chunks":
+            items.extend(frame["items"])
+    return items
+
+
+async def test_a_consumer_granting_credit_it_never_earned_stops_the_producer(
+    make_transport: Callable[[], Transport], caplog: pytest.LogCaptureFixture
+) -> None:
+    system = happen.System(transport=make_transport(), namespace=unique_namespace())
+    node = system.create_node("source")
+    closed = 0
+
+    @node.on("items")
+    async def items(event: happen.Event, context: dict):  # type: ignore[no-untyped-def]
+        nonlocal closed
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed += 1
+
+    peer = await RawPeer(make_transport()).start()
+    caplog.set_level(logging.WARNING, logger="happen")
+
+    async def overgrant(attempt: int) -> None:
+        replies = await peer.listen(f"{peer.inbox}.r{attempt}")
+        request = {"k": "req", "type": "items", "window": 4}
+        await peer.publish(f"{system.namespace}.node.source", request, reply=replies.subject)
+        await replies.wait_until(lambda: len(items_of(replies)) == 4)
+        control = replies.frames[0]["control"]
+        await peer.publish(control, {"k": "credit", "n": 4})  # earned: 4 items read
+        await replies.wait_until(lambda: len(items_of(replies)) == 8)
+        await peer.publish(control, {"k": "credit", "n": 1000})  # never earned
+        await replies.wait_until(lambda: "err" in replies.kinds)
+        failure = replies.frames[-1]
+        assert failure["code"] == "bad_request", failure
+        assert "credit" in failure["message"] and "'source'" in failure["message"]
+        await eventually(lambda: closed == attempt, timeout=WAIT)  # the producer stopped
+
+    async with system:
+        await system.ready()
+        await overgrant(1)
+        await overgrant(2)
+        await drained(node)
+        assert assert_accounted(node, sent=2).failed == 2
+        assert system.bad_inputs == 2
+        logged = [r for r in caplog.records if r.name == "happen" and "credit" in r.getMessage()]
+        assert len(logged) == 1, "a violation is logged once, then counted"
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
