@@ -9,6 +9,7 @@ stream's frames as they arrive: items numbered in order, none beyond the credit 
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from types import TracebackType
@@ -224,7 +225,8 @@ class Stream:
     of the producer raises ``HandlerError`` after the items that came before it. Items lost
     in transit, or a producer that sends more than the credit granted, raise
     ``TransportError`` (naming the node and the missing items) and cancel the producer:
-    items are never skipped silently.
+    items are never skipped silently. A stream dropped without being closed releases what it
+    holds when it is collected, cancels the producer, and warns with ``ResourceWarning``.
     """
 
     def __init__(
@@ -350,6 +352,24 @@ class Stream:
         call = self._call
         with anyio.CancelScope(shield=True):
             await call.caller.abandon(call)
+
+    def __del__(self) -> None:
+        # Dropped while open (neither exhausted, closed, nor left with ``async with``):
+        # release the route and the frames it buffered now, and cancel the producer in the
+        # background. Never raises: it may run anywhere the last reference goes.
+        try:
+            if self._closed or self._opener is not None:
+                return  # finished, or never opened: nothing was sent
+            call = self._call
+            if call.caller.drop(call):
+                warnings.warn(
+                    f"a happen.Stream from node {call.target!r} was not closed; use "
+                    "'async with node.stream(...)' or 'await stream.aclose()'",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+        except Exception:
+            pass
 
 
 class _RoundTrip:
@@ -620,8 +640,8 @@ class Caller:
             )
 
     def discard(self, call: Call) -> None:
-        """Forget ``call`` now and stop its producer in the background (a stream cut off
-        for a protocol error). Synchronous; never raises."""
+        """Forget ``call`` now and stop its producer in the background: a stream cut off
+        for a protocol error, or dropped unclosed. Synchronous; never raises."""
         wire = self.wire
         reply = wire.inbox_prefix + call.token
         self.forget(call)
@@ -634,6 +654,21 @@ class Caller:
             self.runtime.spawn(self._tell, subject, frame)
         except Exception:  # the system is not running: the producer's idle bound ends it
             p.log.debug("could not cancel the producer of a stream from %r", call.target)
+
+    def drop(self, call: Call) -> bool:
+        """A ``Stream`` was dropped unclosed: ``discard`` its call if it is still open.
+        Returns whether it was.
+
+        Garbage collection may run on another thread (a sync handler's): there only the
+        route is forgotten, and the producer's idle bound ends it.
+        """
+        if self.wire.routes.get(call.token) is not call:
+            return False
+        if self.runtime.in_loop_thread():
+            self.discard(call)
+        else:
+            self.wire.forget(call.token)
+        return True
 
     async def _tell(self, subject: str, frame: p.Cancel | p.Abandon) -> None:
         """Publish a cancel or an abandon; a failure is logged, not raised (the producer's
