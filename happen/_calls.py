@@ -589,10 +589,18 @@ class Caller:
                 await self._broadcast_streams.wait_room(stream_id)
                 self.check_running()
                 await wire.publish(subject, p.BroadcastItem(stream_id, item))
-        except Exception as exc:
-            with anyio.CancelScope(shield=True):
+        except BaseException as exc:
+            # The source failed, or this call was cancelled: either way the subscribers'
+            # streams end now, rather than wait out their idle bound.
+            if isinstance(exc, Exception):
                 error = f"{type(exc).__name__}: {p.describe(exc)}"
-                await wire.publish(subject, p.BroadcastEnd(stream_id, error))
+            else:
+                error = "Cancelled: the broadcaster was cancelled before the end of the stream"
+            with anyio.CancelScope(shield=True):
+                try:
+                    await wire.publish(subject, p.BroadcastEnd(stream_id, error))
+                except Exception as again:
+                    p.log.debug("could not end broadcast stream %s: %s", stream_id, again)
             raise
         await wire.publish(subject, p.BroadcastEnd(stream_id))
 

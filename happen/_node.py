@@ -383,7 +383,9 @@ class Node:
             return
         bstream = None
         if frame.stream is not None:
-            bstream = BroadcastStream(self.id, frame.stream, self._caller.window * 16)
+            bstream = BroadcastStream(
+                self.id, frame.stream, self._caller.window * 16, self._idle_timeout
+            )
             self._bstreams[frame.stream] = (bstream, subject)
             self._broadcast_streams.add(bstream)
         context = frame.context or external_context(self._ids)

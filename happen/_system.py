@@ -53,7 +53,8 @@ class System:
     - ``codec``: ``"msgpack"`` (default) or ``"json"``.
     - ``max_depth``: nesting limit of decoded messages (default 64).
     - ``stream_window``: credit a stream consumer grants, in items (default 256).
-    - ``stream_idle_timeout``: seconds a producer waits for credit before closing (60).
+    - ``stream_idle_timeout``: seconds a producer waits for credit before closing, and a
+      streamed broadcast's subscriber waits for its next item or end (60).
     - ``worker_threads``: how many sync handlers may run at once in threads (40).
     - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
 
