@@ -244,7 +244,7 @@ async def produce(
         conversation.window if reply else 1 << 62,
         runtime.signal,
         seal=conversation.seal,
-        report=lambda message: wire.report_violation(where, message),
+        report=lambda message: wire.report_violation(f"{where} cancel", message),
     )
     control = wire.register(producer) if reply else ""  # the inbox token
     outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
