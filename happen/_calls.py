@@ -71,6 +71,7 @@ class Call:
         "caller",
         "control",
         "gate",
+        "heard",
         "held",
         "probe",
         "reserved",
@@ -90,11 +91,13 @@ class Call:
         self.abandoned = False
         self.waiting = True  # no final frame and no stream start yet
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
+        self.heard = 0  # frames received so far (the liveness monitor watches it change)
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
+        self.heard += 1
         if type(frame) is p.Hold:
             if not self.held:
                 self.held = True
@@ -412,6 +415,7 @@ class Caller:
         if runtime.syncing:
             await runtime.settled()
         target = call.target
+        wire = self.wire
         mailbox = self._local_mailbox(target)
         if mailbox is not None:
             while mailbox.holds_local_senders():
@@ -422,8 +426,7 @@ class Caller:
             gate = self._gates.get(target)
             if gate is not None and await gate.admit(runtime.signal):
                 call.probe = gate
-                data = self.wire.encode(msgspec.structs.replace(frame, probe=True))
-        wire = self.wire
+                data = wire.encode(msgspec.structs.replace(frame, probe=True))
         call.token = wire.register(call)
         try:
             if runtime.state != "running":

@@ -32,16 +32,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Work:
     """An admitted event waiting for, or holding, a slot."""
 
-    __slots__ = ("abandoned", "deadline", "event", "handler", "reply", "scope", "window")
+    __slots__ = ("abandoned", "deadline", "event", "handler", "origin", "reply", "scope", "window")
 
     def __init__(
-        self, event: Event, handler: Handler, reply: str, window: int, deadline: float | None
+        self,
+        event: Event,
+        handler: Handler,
+        reply: str,
+        window: int,
+        deadline: float | None,
+        origin: str = "",
     ) -> None:
         self.event = event
         self.handler = handler
         self.reply = reply
         self.window = window
         self.deadline = deadline
+        self.origin = origin  # the calling happen system's id, "" for a foreign client
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
 
@@ -64,6 +71,7 @@ class Node:
         ids: IdGenerator,
         broadcast_streams: LocalBroadcastStreams,
         idle_timeout: float,
+        liveness_timeout: float,
     ) -> None:
         self.id = node_id
         self._system_id = system_id
@@ -73,12 +81,14 @@ class Node:
         self._ids = ids
         self._broadcast_streams = broadcast_streams
         self._idle_timeout = idle_timeout
+        self._liveness_timeout = liveness_timeout
         self._handlers = HandlerTable()
         self._mailbox = mailbox
         mailbox.serve(self._execute, self._send_owed_acks)
         self._owed_acks: list[str] = []
         self._subscriptions: dict[str, Subscription] = {}  # broadcast subject suffix -> sub
         self._direct: Subscription | None = None  # the point-to-point subscription
+        self._pings: Subscription | None = None  # liveness pings of callers
         self._cancels: Subscription | None = None  # the subscription to abandon frames
         self._syncing = False
         self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
@@ -213,6 +223,8 @@ class Node:
             self._cancels = await transport.subscribe(
                 wire.cancel_subject(self.id), self._on_abandon
             )
+            # Pings first: an instance that can be handed a request answers for it.
+            self._pings = await transport.subscribe(wire.ping_subject(self.id), self._on_ping)
             self._direct = await transport.subscribe(
                 wire.node_subject(self.id), self._on_request, queue=self.id
             )
@@ -229,16 +241,20 @@ class Node:
             await self._subscriptions.pop(suffix).unsubscribe()
 
     async def unsubscribe(self) -> None:
-        """Stop hearing anything (the system is stopping). Never raises."""
-        subs = [self._direct, *self._subscriptions.values(), self._cancels]
-        self._direct = self._cancels = None
+        """Stop hearing new events (the system is stopping). Never raises.
+
+        Pings and abandons are still heard, for the calls this instance still holds,
+        until ``close``."""
+        subs = [self._direct, *self._subscriptions.values()]
+        self._direct = None
         self._subscriptions.clear()
-        for sub in subs:
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    log.debug("unsubscribe failed while stopping", exc_info=True)
+        await _unsubscribe_all(subs)
+
+    async def close(self) -> None:
+        """Stop hearing anything: every call this instance held has been answered."""
+        subs = [self._pings, self._cancels]
+        self._pings = self._cancels = None
+        await _unsubscribe_all(subs)
 
     def owns_subject(self, subject: str) -> bool:
         """Whether one of this node's subscriptions is on ``subject``."""
@@ -279,6 +295,10 @@ class Node:
             return
         if req.origin == self._system_id:
             self._caller.arrived(reply)
+        if req.type == p.PRESENCE:  # a liveness question, not an event: answered, not counted
+            if reply:
+                await wire.reply(reply, p.Ack())
+            return
         if not self._runtime.accepting:
             mailbox.rejected += 1
             if reply:
@@ -296,7 +316,8 @@ class Node:
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
+        event = Event(req.type, req.payload, context)
+        work = Work(event, handler, reply, window, deadline, req.origin)
         if reply:
             self._inflight[reply] = work
         if not mailbox.offer(work, req.priority):
@@ -313,6 +334,21 @@ class Node:
             await wire.reply(reply, p.Hold())
         elif req.probe and reply:
             await wire.reply(reply, p.Ack())
+
+    # ----- liveness -----------------------------------------------------------------
+
+    async def _on_ping(self, msg: Message) -> None:
+        wire = self._wire
+        try:
+            ping = wire.ping_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} ping", exc)
+            return
+        if not msg.reply:
+            return
+        inflight = self._inflight
+        held = [reply for reply in ping.calls if reply in inflight]
+        await wire.reply(msg.reply, p.Pong(held, self._system_id))
 
     async def _on_abandon(self, msg: Message) -> None:
         wire = self._wire
@@ -444,6 +480,7 @@ class Node:
                 runtime=runtime,
                 mailbox=mailbox,
                 idle_timeout=self._idle_timeout,
+                liveness_timeout=self._liveness_timeout,
             )
             return
         if work.reply and not await self._wire.reply(work.reply, p.Result(result)):
@@ -454,3 +491,12 @@ class Node:
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
             await self._wire.reply(work.reply, frame)
+
+
+async def _unsubscribe_all(subs: list[Subscription | None]) -> None:
+    for sub in subs:
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("unsubscribe failed while stopping", exc_info=True)

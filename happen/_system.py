@@ -24,6 +24,7 @@ from happen._errors import (
 )
 from happen._events import IdGenerator
 from happen._ids import validate_node_id
+from happen._liveness import LivenessMonitor
 from happen._mailbox import Mailbox, NodeStats
 from happen._node import Node
 from happen._runtime import Runtime
@@ -56,6 +57,12 @@ class System:
     - ``stream_idle_timeout``: seconds a producer waits for credit before closing (60).
     - ``worker_threads``: how many sync handlers may run at once in threads (40).
     - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
+    - ``liveness_timeout``: seconds within which a call whose serving host died, froze or
+      became unreachable ends with ``HostLostError``, even without a ``timeout`` (5). The
+      system pings the hosts of calls silent for a quarter of it; a producer whose
+      consumer's system stopped answering gives its slot back within it too.
+
+    Every setting is validated here: a bad value raises ``InvalidConfigError`` naming it.
 
     Use it as an async context manager; ``stop()`` may also be awaited inside the
     ``async with`` block. Without ``async with``, ``start()`` and ``stop()`` must be awaited
@@ -74,6 +81,7 @@ class System:
         stream_idle_timeout: float = 60.0,
         worker_threads: int = 40,
         drain_timeout: float = 10.0,
+        liveness_timeout: float = 5.0,
     ) -> None:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
@@ -93,6 +101,7 @@ class System:
         self._idle_timeout: float = _positive("stream_idle_timeout", stream_idle_timeout, float)
         self._threads: int = _positive("worker_threads", worker_threads, int)
         self._drain_timeout: float = _positive("drain_timeout", drain_timeout, float)
+        self._liveness_timeout: float = _positive("liveness_timeout", liveness_timeout, float)
         self._transport_spec = transport
         self._transport: Transport | None = None
         self.namespace = namespace
@@ -112,6 +121,12 @@ class System:
             local_mailbox=self._local_mailbox,
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
+        )
+        self._liveness = LivenessMonitor(
+            wire=self._wire,
+            runtime=self._runtime,
+            system_id=self.id,
+            timeout=self._liveness_timeout,
         )
         self._context_managed = False
         self._stopped: anyio.Event | None = None
@@ -167,6 +182,7 @@ class System:
             await self._wire.attach(transport)
             runtime.state = "running"
             runtime.accepting = True
+            runtime.spawn(self._liveness.run)
             for node in list(self._nodes.values()):
                 await node.subscribe(transport)
         except BaseException:
@@ -248,6 +264,8 @@ class System:
             for node in nodes:
                 await node.fail_pending()
             await runtime.cancel_tasks()
+            for node in nodes:
+                await node.close()
             # Replies our own nodes published to our own callers may still be in flight.
             with anyio.move_on_after(2.0):
                 await self._caller.wait_answers(self._nodes)
@@ -303,6 +321,7 @@ class System:
             ids=self._ids,
             broadcast_streams=self._broadcast_streams,
             idle_timeout=self._idle_timeout,
+            liveness_timeout=self._liveness_timeout,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox

@@ -41,6 +41,8 @@ __all__ = [
     "Failure",
     "Hold",
     "InboxFrame",
+    "Ping",
+    "Pong",
     "Request",
     "Result",
     "Route",
@@ -56,6 +58,9 @@ HANDLER_ERROR = "handler_error"
 TIMEOUT = "timeout"
 BAD_REQUEST = "bad_request"
 UNAVAILABLE = "unavailable"
+
+#: The reserved event type of a presence probe: "does anyone serve this node at all?"
+PRESENCE = "happen.presence"
 
 
 class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True):
@@ -161,8 +166,40 @@ class BroadcastEnd(_Frame, tag="bend"):
     error: str | None = None
 
 
+class Ping(_Frame, tag="ping"):
+    """Liveness: "do you still hold these calls?"
+
+    A caller publishes it to ``{ns}.ping.{node_id}`` (every instance hears it) listing the
+    reply subjects of its silent calls; each instance answers ``pong`` with those it holds.
+    A producer waiting for credit publishes it, ``calls`` empty, to its consumer's reply
+    subject; the consumer's system answers ``pong``, or ``pong`` with ``gone`` when it no
+    longer reads that stream.
+    """
+
+    calls: list[str] = []
+
+
+class Pong(_Frame, tag="pong"):
+    """The answer to a ``ping``: the pinged calls this instance holds, and who it is."""
+
+    calls: list[str] = []
+    instance: str = ""  # the answering system's id
+    gone: bool = False  # answered by a consumer: the stream pinged is not read any more
+
+
 InboxFrame = (
-    Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
+    Result
+    | Failure
+    | Hold
+    | Ack
+    | StreamStart
+    | Chunk
+    | Chunks
+    | StreamEnd
+    | Credit
+    | Cancel
+    | Ping
+    | Pong
 )
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
 
@@ -220,12 +257,14 @@ class Wire:
         self.namespace = namespace
         self.transport: Transport | None = None
         self.inbox_prefix = ""
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route] = {}  # open calls and streams, by inbox token
+        self.probes: dict[str, Route] = {}  # short protocol questions (pings, room), by token
         self.bad_inputs = 0  # malformed frames received by this system, all nodes together
         self.stray_frames = 0  # well-formed frames for a request or stream no longer here
         self._bad_input_logged: set[str] = set()
         self.request_decoder = codec.decoder(Request)
         self.abandon_decoder = codec.decoder(Abandon)
+        self.ping_decoder = codec.decoder(Ping)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._node_prefix = f"{namespace}.node."
@@ -238,6 +277,10 @@ class Wire:
 
     def cancel_subject(self, node_id: str) -> str:
         return f"{self.namespace}.cancel.{node_id}"
+
+    def ping_subject(self, node_id: str) -> str:
+        """Liveness pings to every instance of ``node_id``."""
+        return f"{self.namespace}.ping.{node_id}"
 
     def broadcast_subject(self, suffix: str) -> str:
         return self._bcast_prefix + suffix
@@ -320,9 +363,17 @@ class Wire:
         self.routes[token] = route
         return token
 
+    def register_probe(self, route: Route) -> str:
+        """``register`` for a short protocol question (a ping round, a presence probe): its
+        answers are routed alike, but it is not an open call (``System.idle`` ignores it)."""
+        token = os.urandom(10).hex()
+        self.probes[token] = route
+        return token
+
     def forget(self, token: str) -> None:
         if token:
-            self.routes.pop(token, None)
+            if self.routes.pop(token, None) is None:
+                self.probes.pop(token, None)
 
     def route_for(self, subject: str) -> Route | None:
         """The route of one of this system's reply subjects, if still open."""
@@ -333,10 +384,12 @@ class Wire:
     async def _on_inbox(self, msg: Message) -> None:
         token = msg.subject[len(self.inbox_prefix) :]
         route = self.routes.get(token)
+        if route is None:
+            route = self.probes.get(token)
         headers = msg.headers
         if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
             if route is not None:
-                self.routes.pop(token, None)
+                self.forget(token)
                 route.feed(
                     NodeNotFoundError(
                         f"no node {route.target!r} is running in namespace {self.namespace!r}"
@@ -347,6 +400,10 @@ class Wire:
             frame = self._inbox_decoder.decode(msg.data)
         except CodecError as exc:
             self.report_bad_input("inbox", exc)
+            return
+        if type(frame) is Ping:  # a producer asks whether we still read its stream
+            if msg.reply:
+                await self.reply(msg.reply, Pong(gone=token not in self.routes))
             return
         if route is None:
             # Late frames are normal (a credit after the stream ended, a reply after the
@@ -367,8 +424,9 @@ class Wire:
 
     def fail_routes(self, error: BaseException) -> None:
         """End every open conversation with ``error`` (connection lost, system stopped)."""
-        routes = list(self.routes.values())
+        routes = [*self.routes.values(), *self.probes.values()]
         self.routes.clear()
+        self.probes.clear()
         for route in routes:
             route.feed(error)
 
