@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from collections.abc import AsyncIterable, Callable
 from typing import Any, TypeVar, overload
 
 import anyio
+import msgspec
 
 from happen import _wire as p
 from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
-from happen._errors import CodecError, InvalidIdError
+from happen._errors import CodecError, HappenError, InvalidIdError
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, invoke
-from happen._ids import validate_event_type
+from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._patterns import PatternLike, compile_pattern
 from happen._producer import produce
 from happen._runtime import Runtime
+from happen._signal import Signal
 from happen._transport import Message, Subscription, Transport
 
 __all__ = ["Node"]
@@ -27,6 +30,9 @@ __all__ = ["Node"]
 log = logging.getLogger("happen")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Longest a full instance waits for a twin with room before it refuses a request.
+ROOM_WAIT = 0.25
 
 
 class Work:
@@ -51,6 +57,39 @@ class Work:
         self.origin = origin  # the calling happen system's id, "" for a foreign client
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
+
+
+class Overflow:
+    """A request that met a full queue, waiting (briefly) for a twin instance with room."""
+
+    __slots__ = ("request", "work")
+
+    def __init__(self, request: p.Request, work: Work) -> None:
+        self.request = request
+        self.work = work
+
+
+class RoomSearch:
+    """The route of one ``room`` question: the offers of twins that have room."""
+
+    __slots__ = ("answered", "offers", "target")
+    abandoned = False
+
+    def __init__(self, node_id: str, answered: Signal) -> None:
+        self.target = node_id
+        self.answered = answered
+        self.offers: list[p.RoomOffer] = []
+
+    def feed(self, frame: Any) -> None:
+        if type(frame) is p.RoomOffer and frame.free > 0:
+            try:
+                validate_node_id(frame.instance)  # it becomes a subject token
+            except InvalidIdError:
+                return
+            self.offers.append(frame)
+        elif not isinstance(frame, BaseException):
+            return
+        self.answered.set()
 
 
 class Node:
@@ -82,16 +121,21 @@ class Node:
         self._broadcast_streams = broadcast_streams
         self._idle_timeout = idle_timeout
         self._liveness_timeout = liveness_timeout
+        self._room_wait = min(ROOM_WAIT, liveness_timeout / 4)
         self._handlers = HandlerTable()
         self._mailbox = mailbox
         mailbox.serve(self._execute, self._send_owed_acks)
         self._owed_acks: list[str] = []
         self._subscriptions: dict[str, Subscription] = {}  # broadcast subject suffix -> sub
         self._direct: Subscription | None = None  # the point-to-point subscription
+        self._instance: Subscription | None = None  # requests for this instance only
+        self._rooms: Subscription | None = None  # twins asking for room
         self._pings: Subscription | None = None  # liveness pings of callers
         self._cancels: Subscription | None = None  # the subscription to abandon frames
         self._syncing = False
         self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
+        self._overflow: deque[Overflow] = deque()  # met a full queue: looking for a twin
+        self._searching = False  # a search for room runs
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
 
     def __repr__(self) -> str:
@@ -225,6 +269,10 @@ class Node:
             )
             # Pings first: an instance that can be handed a request answers for it.
             self._pings = await transport.subscribe(wire.ping_subject(self.id), self._on_ping)
+            self._rooms = await transport.subscribe(wire.room_subject(self.id), self._on_room)
+            self._instance = await transport.subscribe(
+                wire.instance_subject(self.id, self._system_id), self._on_request
+            )
             self._direct = await transport.subscribe(
                 wire.node_subject(self.id), self._on_request, queue=self.id
             )
@@ -245,8 +293,8 @@ class Node:
 
         Pings and abandons are still heard, for the calls this instance still holds,
         until ``close``."""
-        subs = [self._direct, *self._subscriptions.values()]
-        self._direct = None
+        subs = [self._direct, self._instance, self._rooms, *self._subscriptions.values()]
+        self._direct = self._instance = self._rooms = None
         self._subscriptions.clear()
         await _unsubscribe_all(subs)
 
@@ -259,7 +307,10 @@ class Node:
     def owns_subject(self, subject: str) -> bool:
         """Whether one of this node's subscriptions is on ``subject``."""
         wire = self._wire
-        if subject == wire.node_subject(self.id):
+        if subject in (
+            wire.node_subject(self.id),
+            wire.instance_subject(self.id, self._system_id),
+        ):
             return True
         return any(subject == wire.broadcast_subject(s) for s in self._subscriptions)
 
@@ -268,7 +319,12 @@ class Node:
         self._mailbox.dropped += count
 
     async def fail_pending(self) -> None:
-        """The system stops: every admitted event not yet running fails with ``unavailable``."""
+        """The system stops: every admitted event not yet running fails with ``unavailable``;
+        requests still looking for a twin with room are refused alike."""
+        overflow, self._overflow = self._overflow, deque()
+        for entry in overflow:
+            self._mailbox.rejected += 1
+            await self._reply(entry.work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped"))
         for work in self._mailbox.take_pending():
             self._mailbox.failed += 1
             self._inflight.pop(work.reply, None)
@@ -318,22 +374,132 @@ class Node:
         window = req.window if req.window > 0 else self._caller.window
         event = Event(req.type, req.payload, context)
         work = Work(event, handler, reply, window, deadline, req.origin)
+        if self._admit(work, req.priority):
+            await self._acknowledge(work, req)
+        elif req.forwarded:
+            await self._refuse_full(reply)
+        else:
+            self._overflow.append(Overflow(req, work))
+            if not self._searching:
+                self._searching = True
+                self._runtime.spawn(self._find_room)
+
+    def _admit(self, work: Work, priority: int) -> bool:
+        """Offer ``work`` to the mailbox; False when the queue is full."""
+        reply = work.reply
         if reply:
             self._inflight[reply] = work
-        if not mailbox.offer(work, req.priority):
-            if reply:
-                del self._inflight[reply]
-            mailbox.rejected += 1
-            if reply:
-                message = f"node {self.id!r} queue is full ({mailbox.queued} queued)"
-                await wire.reply(reply, p.Failure(p.QUEUE_FULL, message))
-            return
+        if self._mailbox.offer(work, priority):
+            return True
+        if reply:
+            del self._inflight[reply]
+        return False
+
+    async def _acknowledge(self, work: Work, req: p.Request) -> None:
+        """What an admitted request is answered at once: ``hold`` under pressure (remote
+        senders only), ``ack`` for a probe."""
+        reply = work.reply
+        mailbox = self._mailbox
         if reply and req.origin != self._system_id and mailbox.under_pressure:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
-            await wire.reply(reply, p.Hold())
+            await self._wire.reply(reply, p.Hold())
         elif req.probe and reply:
-            await wire.reply(reply, p.Ack())
+            await self._wire.reply(reply, p.Ack())
+
+    async def _refuse_full(self, reply: str) -> None:
+        mailbox = self._mailbox
+        mailbox.rejected += 1
+        if reply:
+            message = f"node {self.id!r} queue is full ({mailbox.queued} queued)"
+            await self._wire.reply(reply, p.Failure(p.QUEUE_FULL, message))
+
+    # ----- sharing load with twin instances -----------------------------------------
+
+    async def _find_room(self) -> None:
+        """Pass requests that met a full queue on to twin instances that have room.
+
+        Asks on the room subject and forwards to the instance subject of the twins that
+        offer room; gives up after ``_room_wait`` seconds. What no twin took is admitted
+        here if room came meanwhile, else refused with ``queue_full``.
+        """
+        wire = self._wire
+        deadline = anyio.current_time() + self._room_wait
+        try:
+            while self._overflow:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    break
+                search = RoomSearch(self.id, self._runtime.signal())
+                token = wire.register_probe(search)
+                try:
+                    ask = p.RoomAsk(self._system_id, len(self._overflow))
+                    await wire.publish(
+                        wire.room_subject(self.id), ask, reply=wire.inbox_prefix + token
+                    )
+                    with anyio.move_on_after(left):
+                        await search.answered.wait()
+                finally:
+                    wire.forget(token)
+                if not search.offers:
+                    break
+                for offer in search.offers:
+                    await self._forward(offer)
+        except HappenError as exc:
+            log.debug("node %r could not ask its twins for room: %s", self.id, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle_overflow()
+            self._searching = False
+
+    async def _forward(self, offer: p.RoomOffer) -> None:
+        """Pass up to ``offer.free`` waiting requests on to the twin that offered room."""
+        wire = self._wire
+        overflow = self._overflow
+        subject = wire.instance_subject(self.id, offer.instance)
+        for _ in range(min(offer.free, len(overflow))):
+            entry = overflow.popleft()
+            work, req = entry.work, entry.request
+            timeout_ms = req.timeout_ms
+            if work.deadline is not None:  # what is left of it, not all of it again
+                timeout_ms = max(1, int((work.deadline - anyio.current_time()) * 1000))
+            try:
+                data = wire.encode(
+                    msgspec.structs.replace(req, forwarded=True, timeout_ms=timeout_ms)
+                )
+                await wire.publish_data(subject, data, reply=work.reply or None)
+            except HappenError as exc:
+                log.debug("node %r could not pass a request on to a twin: %s", self.id, exc)
+                overflow.appendleft(entry)
+                return
+            self._mailbox.forwarded += 1
+
+    async def _settle_overflow(self) -> None:
+        """Requests no twin took: admitted here if room came meanwhile, else refused."""
+        overflow = self._overflow
+        while overflow:
+            entry = overflow.popleft()
+            work = entry.work
+            if not self._runtime.accepting:
+                self._mailbox.rejected += 1
+                await self._reply(work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
+            elif self._admit(work, entry.request.priority):
+                await self._acknowledge(work, entry.request)
+            else:
+                await self._refuse_full(work.reply)
+
+    async def _on_room(self, msg: Message) -> None:
+        wire = self._wire
+        try:
+            ask = wire.room_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} room", exc)
+            return
+        if ask.instance == self._system_id or not msg.reply or not self._runtime.accepting:
+            return  # our own question, or nowhere to answer
+        free = self._mailbox.room()
+        if free > 0 and not self._overflow:
+            await wire.reply(msg.reply, p.RoomOffer(self._system_id, free))
 
     # ----- liveness -----------------------------------------------------------------
 
@@ -348,6 +514,9 @@ class Node:
             return
         inflight = self._inflight
         held = [reply for reply in ping.calls if reply in inflight]
+        if self._overflow:
+            waiting = {entry.work.reply for entry in self._overflow}
+            held.extend(reply for reply in ping.calls if reply in waiting)
         await wire.reply(msg.reply, p.Pong(held, self._system_id))
 
     async def _on_abandon(self, msg: Message) -> None:

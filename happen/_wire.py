@@ -45,6 +45,8 @@ __all__ = [
     "Pong",
     "Request",
     "Result",
+    "RoomAsk",
+    "RoomOffer",
     "Route",
     "StreamEnd",
     "StreamStart",
@@ -78,6 +80,7 @@ class Request(_Frame, tag="req"):
     timeout_ms: int | None = None
     origin: str = ""  # the sending system's id; "" for foreign clients
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
+    forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
 
 
 class Result(_Frame, tag="res"):
@@ -187,6 +190,21 @@ class Pong(_Frame, tag="pong"):
     gone: bool = False  # answered by a consumer: the stream pinged is not read any more
 
 
+class RoomAsk(_Frame, tag="room"):
+    """A full instance asks its twins for room, on ``{ns}.room.{node_id}``."""
+
+    instance: str  # the asking system's id (it ignores its own question)
+    n: int = 1  # how many requests it would pass on
+
+
+class RoomOffer(_Frame, tag="offer"):
+    """A twin with room answers a ``room`` question: forward up to ``free`` requests to
+    ``{ns}.inst.{node_id}.{instance}``."""
+
+    instance: str
+    free: int
+
+
 InboxFrame = (
     Result
     | Failure
@@ -200,6 +218,7 @@ InboxFrame = (
     | Cancel
     | Ping
     | Pong
+    | RoomOffer
 )
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
 
@@ -265,6 +284,7 @@ class Wire:
         self.request_decoder = codec.decoder(Request)
         self.abandon_decoder = codec.decoder(Abandon)
         self.ping_decoder = codec.decoder(Ping)
+        self.room_decoder = codec.decoder(RoomAsk)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._node_prefix = f"{namespace}.node."
@@ -281,6 +301,14 @@ class Wire:
     def ping_subject(self, node_id: str) -> str:
         """Liveness pings to every instance of ``node_id``."""
         return f"{self.namespace}.ping.{node_id}"
+
+    def instance_subject(self, node_id: str, system_id: str) -> str:
+        """Requests for the instance of ``node_id`` hosted by system ``system_id`` only."""
+        return f"{self.namespace}.inst.{node_id}.{system_id}"
+
+    def room_subject(self, node_id: str) -> str:
+        """Questions of a full instance of ``node_id`` to its twins."""
+        return f"{self.namespace}.room.{node_id}"
 
     def broadcast_subject(self, suffix: str) -> str:
         return self._bcast_prefix + suffix
@@ -364,7 +392,7 @@ class Wire:
         return token
 
     def register_probe(self, route: Route) -> str:
-        """``register`` for a short protocol question (a ping round, a presence probe): its
+        """``register`` for a short protocol question (a ping round, a room search): its
         answers are routed alike, but it is not an open call (``System.idle`` ignores it)."""
         token = os.urandom(10).hex()
         self.probes[token] = route
