@@ -422,7 +422,11 @@ class Caller:
                 await mailbox.wait_relief()
             mailbox.in_transit += 1
             call.reserved = mailbox
+            # To our own instance, so the reservation is surely freed when it arrives; a
+            # full instance passes requests on to a twin with room.
+            subject = wire.instance_subject(target, self._system_id)
         else:
+            subject = wire.node_subject(target)
             gate = self._gates.get(target)
             if gate is not None and await gate.admit(runtime.signal):
                 call.probe = gate
@@ -431,9 +435,7 @@ class Caller:
         try:
             if runtime.state != "running":
                 raise SystemStoppedError("the system stopped")
-            await wire.publish_data(
-                wire.node_subject(target), data, reply=wire.inbox_prefix + call.token
-            )
+            await wire.publish_data(subject, data, reply=wire.inbox_prefix + call.token)
         except BaseException:
             self.forget(call)
             raise

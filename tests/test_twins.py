@@ -176,3 +176,74 @@ async def test_a_forwarded_request_is_never_forwarded_again(
     stats_a = worker_a.stats()
     assert (stats_a.accepted, stats_a.rejected, stats_a.forwarded) == (1, 1, 0)
     assert worker_b.stats().accepted == 0
+
+
+PRESSURE = {
+    "patterns": {"worker": {"max_concurrent": 50, "queue_limit": 5, "backpressure_threshold": 0.8}}
+}
+
+
+async def test_calls_a_twin_serves_do_not_hold_local_senders(
+    make_transport: Callable[[], Transport],
+) -> None:
+    """A sender whose host also hosts the node: long calls do not block its later sends
+    while both instances' queues are empty (they are sent to its own instance)."""
+    ns = unique_namespace()
+    local = host(make_transport, ns, concurrency=PRESSURE)
+    remote = host(make_transport, ns, concurrency=PRESSURE)
+    release = anyio.Event()
+    here = blocking_worker(local, "local", release)
+    there = blocking_worker(remote, "remote", release)
+    here.on("quick", lambda e, c: "quick")
+    there.on("quick", lambda e, c: "quick")
+    client = local.create_node("client")
+    served: Counter[str] = Counter()
+
+    async def long_call() -> None:
+        served[await client.send("worker", {"type": "job"}, timeout=WAIT)] += 1
+
+    async with local, remote, anyio.create_task_group() as tg:
+        await subscriptions_live(here)
+        await subscriptions_live(there)
+        for _ in range(20):
+            tg.start_soon(long_call)
+        await eventually(lambda: here.stats().active + there.stats().active == 20, timeout=WAIT)
+        assert here.stats().queued == there.stats().queued == 0
+        with anyio.fail_after(WAIT):
+            assert await client.send("worker", {"type": "quick"}) == "quick"
+        release.set()
+    assert served == {"local": 20}, "a local sender's calls go to its own instance"
+    assert there.stats().accepted == 0
+
+
+async def test_a_local_senders_overflow_goes_to_the_twin(
+    make_transport: Callable[[], Transport],
+) -> None:
+    ns = unique_namespace()
+    config = {
+        "patterns": {
+            "worker": {"max_concurrent": 1, "queue_limit": 2, "backpressure_threshold": 1.0}
+        }
+    }
+    local = host(make_transport, ns, concurrency=config)
+    remote = host(make_transport, ns)
+    release = anyio.Event()
+    here = blocking_worker(local, "local", release)
+    there = blocking_worker(remote, "remote", release)
+    client = local.create_node("client")
+    served: Counter[str] = Counter()
+
+    async def one() -> None:
+        served[await client.send("worker", {"type": "job"}, timeout=WAIT)] += 1
+
+    async with local, remote, anyio.create_task_group() as tg:
+        await subscriptions_live(here)
+        await subscriptions_live(there)
+        for _ in range(10):
+            tg.start_soon(one)
+        await eventually(lambda: there.stats().accepted == 7, timeout=WAIT)
+        release.set()
+    assert served == {"local": 3, "remote": 7}
+    stats = here.stats()
+    assert (stats.accepted, stats.rejected, stats.forwarded) == (3, 0, 7)
+    assert arrived(stats) == 10
