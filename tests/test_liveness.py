@@ -29,6 +29,7 @@ from tests.helpers import eventually, subscriptions_live, unique_namespace
 pytestmark = pytest.mark.anyio
 
 T = 1.0  # the liveness_timeout of the calling systems in these tests
+SHORT = 0.4  # theirs where a test waits for something not to happen
 SLACK = 0.5  # for the scheduler of a busy machine
 WAIT = 10  # seconds; a test that needs this long has failed
 
@@ -163,16 +164,15 @@ async def test_calls_to_a_live_host_are_never_lost(
 ) -> None:
     """A long handler and a stream whose reader pauses: both sides are pinged, both live."""
     ns = unique_namespace()
-    short = 0.4  # four liveness timeouts pass during the slow parts
     caller = happen.System(
-        transport=make_transport(), namespace=ns, liveness_timeout=short, stream_window=2
+        transport=make_transport(), namespace=ns, liveness_timeout=SHORT, stream_window=2
     )
-    server = happen.System(transport=make_transport(), namespace=ns, liveness_timeout=short)
+    server = happen.System(transport=make_transport(), namespace=ns, liveness_timeout=SHORT)
     worker = server.create_node("worker")
 
     @worker.on("slow")
     async def slow(event: happen.Event, context: dict) -> str:
-        await anyio.sleep(4 * short)
+        await anyio.sleep(3 * SHORT)  # three liveness timeouts
         return "done"
 
     @worker.on("items")
@@ -189,7 +189,7 @@ async def test_calls_to_a_live_host_are_never_lost(
             async for item in stream:
                 got.append(item)
                 if item == 1:
-                    await anyio.sleep(4 * short)  # the producer waits for credit meanwhile
+                    await anyio.sleep(3 * SHORT)  # the producer waits for credit meanwhile
         assert got == list(range(6))
         await eventually(lambda: worker.stats().completed == 2)
         stats = worker.stats()
@@ -253,7 +253,7 @@ async def test_a_foreign_node_is_bounded_by_timeouts_only(
     """A node served by a program that does not answer pings: no HostLostError while it
     serves; the call's own timeout bounds it."""
     ns = unique_namespace()
-    caller = happen.System(transport=make_transport(), namespace=ns, liveness_timeout=T)
+    caller = happen.System(transport=make_transport(), namespace=ns, liveness_timeout=SHORT)
     client = caller.create_node("client")
     foreign = make_transport()
     waiting: list[str] = []  # reply subjects of requests it holds
@@ -286,15 +286,15 @@ async def test_a_foreign_node_is_bounded_by_timeouts_only(
             tg.start_soon(call)
             with anyio.fail_after(WAIT):
                 await arrived.wait()
-            with anyio.move_on_after(3 * T):  # three liveness timeouts: still waiting
+            with anyio.move_on_after(3 * SHORT):  # three liveness timeouts: still waiting
                 await done.wait()
             assert not done.is_set()
             await foreign.publish(waiting[0], msgspec.msgpack.encode({"k": "res", "value": 7}))
         assert result == [7]
         began = now()
         with pytest.raises(happen.SendTimeout):
-            await client.send("legacy", {"type": "never"}, timeout=2 * T)
-        assert now() - began < 2 * T + SLACK
+            await client.send("legacy", {"type": "never"}, timeout=2 * SHORT)
+        assert now() - began < 2 * SHORT + SLACK
 
 
 async def test_a_call_to_a_foreign_node_that_vanishes_ends_with_host_lost(
@@ -475,11 +475,11 @@ async def test_a_foreign_consumer_is_bounded_by_the_idle_timeout_only(
     make_transport: Callable[[], Transport],
 ) -> None:
     ns = unique_namespace()
-    idle = 3 * T
+    idle = 3 * SHORT
     producer = happen.System(
         transport=make_transport(),
         namespace=ns,
-        liveness_timeout=T,
+        liveness_timeout=SHORT,
         stream_idle_timeout=idle,
         concurrency=ONE_SLOT,
     )
