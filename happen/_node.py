@@ -375,7 +375,8 @@ class Node:
         event = Event(req.type, req.payload, context)
         work = Work(event, handler, reply, window, deadline, req.origin)
         if self._admit(work, req.priority):
-            await self._acknowledge(work, req)
+            if reply and (req.probe or mailbox.under_pressure):  # (else nothing to say now)
+                await self._acknowledge(work, req)
         elif req.forwarded:
             await self._refuse_full(reply)
         else:

@@ -289,6 +289,7 @@ class Wire:
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._node_prefix = f"{namespace}.node."
         self._bcast_prefix = f"{namespace}.bcast."
+        self._inst_prefix = f"{namespace}.inst."
 
     # ----- subjects -----------------------------------------------------------------
 
@@ -304,7 +305,7 @@ class Wire:
 
     def instance_subject(self, node_id: str, system_id: str) -> str:
         """Requests for the instance of ``node_id`` hosted by system ``system_id`` only."""
-        return f"{self.namespace}.inst.{node_id}.{system_id}"
+        return self._inst_prefix + node_id + "." + system_id
 
     def room_subject(self, node_id: str) -> str:
         """Questions of a full instance of ``node_id`` to its twins."""
