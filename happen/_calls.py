@@ -125,6 +125,7 @@ class Call:
         "control",
         "ended",
         "gate",
+        "heard",
         "held",
         "probe",
         "received",
@@ -150,6 +151,7 @@ class Call:
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
         self.allowed = caller.window
         self.received = 0
+        self.heard = 0  # frames received so far (the liveness monitor watches it change)
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
 
@@ -157,6 +159,7 @@ class Call:
     def feed(self, frame: Any) -> None:
         if self.ended:
             return  # after the end: a duplicate, or a frame of a stream cut off
+        self.heard += 1
         kind = type(frame)
         if kind is p.Chunk or kind is p.Chunks:
             self._take_items(frame, 1 if kind is p.Chunk else len(frame.items))
@@ -718,25 +721,27 @@ class Caller:
         if runtime.syncing:
             await runtime.settled()
         target = call.target
+        wire = self.wire
         mailbox = self._local_mailbox(target)
         if mailbox is not None:
             while mailbox.holds_local_senders():
                 await mailbox.wait_relief()
             mailbox.in_transit += 1
             call.reserved = mailbox
+            # To our own instance, so the reservation is surely freed when it arrives; a
+            # full instance passes requests on to a twin with room.
+            subject = wire.instance_subject(target, self._system_id)
         else:
+            subject = wire.node_subject(target)
             gate = self._gates.get(target)
             if gate is not None and await gate.admit(runtime.signal):
                 call.probe = gate
-                data = self.wire.encode(msgspec.structs.replace(frame, probe=True))
-        wire = self.wire
+                data = wire.encode(msgspec.structs.replace(frame, probe=True))
         call.token = wire.register(call)
         try:
             if runtime.state != "running":
                 raise SystemStoppedError("the system stopped")
-            await wire.publish_data(
-                wire.node_subject(target), data, reply=wire.inbox_prefix + call.token
-            )
+            await wire.publish_data(subject, data, reply=wire.inbox_prefix + call.token)
         except BaseException:
             self.forget(call)
             raise

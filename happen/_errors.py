@@ -146,14 +146,22 @@ class TransportError(HappenError):
     __module__ = "happen"
 
 
-class HostLostError(TransportError):
-    """The host serving a call (or reading a stream) died or stopped answering: the call
-    ended within the system's ``liveness_timeout``."""
-
-    __module__ = "happen"
-
-
 class SystemStoppedError(TransportError):
     """The system is stopped (or stopping) and no longer sends or accepts events."""
 
     __module__ = "happen"
+
+
+class HostLostError(TransportError):
+    """The host serving a call (or producing a stream) died, froze or became unreachable.
+
+    Raised within the calling system's ``liveness_timeout``, even for a call without a
+    timeout. ``node_id`` is the node the call was sent to. The handler may or may not have
+    run: retry only what is safe to run twice.
+    """
+
+    __module__ = "happen"
+
+    def __init__(self, message: str, *, node_id: str) -> None:
+        super().__init__(message)
+        self.node_id = node_id

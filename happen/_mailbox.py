@@ -27,10 +27,13 @@ async def _nothing() -> None:
 
 
 class NodeStats(msgspec.Struct, frozen=True):
-    """A snapshot of a node's flow control and counts.
+    """A snapshot of a node's flow control and counts, on this instance.
 
-    ``accepted + rejected + dropped`` is every event that reached the node;
-    ``completed + failed`` equals ``accepted`` once the node is idle.
+    ``accepted + rejected + dropped + forwarded`` is every event that reached this
+    instance; ``completed + failed`` equals ``accepted`` once the node is idle.
+    ``forwarded`` counts requests this instance passed on, its queue full, to a twin
+    instance of the node (on another host) that had room: the twin counts them again as
+    they reach it.
     """
 
     active: int
@@ -43,6 +46,7 @@ class NodeStats(msgspec.Struct, frozen=True):
     failed: int
     rejected: int
     dropped: int
+    forwarded: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -89,6 +93,7 @@ class Mailbox(Generic[Item]):
         self.failed = 0
         self.rejected = 0
         self.dropped = 0
+        self.forwarded = 0
 
     def serve(
         self,
@@ -140,6 +145,10 @@ class Mailbox(Generic[Item]):
             self._pressure_at <= self.queued + self.in_transit and self.queued < self._limit
         )
 
+    def room(self) -> int:
+        """How many more events this mailbox would admit now: free slots and queue places."""
+        return max(0, self._max - self.active) + max(0, self._limit - self.queued)
+
     def arrived(self) -> None:
         """A local send reserved with ``in_transit`` reached the node (or was given up)."""
         self.in_transit -= 1
@@ -157,6 +166,7 @@ class Mailbox(Generic[Item]):
             failed=self.failed,
             rejected=self.rejected,
             dropped=self.dropped,
+            forwarded=self.forwarded,
         )
 
     def offer(self, item: Item, priority: int = 0) -> bool:

@@ -5,23 +5,26 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
+from collections import deque
 from collections.abc import AsyncIterable, Callable
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
+import msgspec
 
 from happen import _wire as p
 from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
-from happen._errors import CodecError, InvalidIdError, ValidationError
+from happen._errors import CodecError, HappenError, InvalidIdError, ValidationError
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
-from happen._ids import validate_event_type
+from happen._ids import validate_event_type, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
 from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
+from happen._signal import Signal
 from happen._transport import Message, Subscription, Transport
 
 __all__ = ["Node"]
@@ -38,6 +41,9 @@ H = TypeVar("H", bound=HandlerFunction)
 M = TypeVar("M", bound=Middleware)
 R = TypeVar("R")
 
+#: Longest a full instance waits for a twin with room before it refuses a request.
+ROOM_WAIT = 0.25
+
 
 class Work:
     """An admitted event waiting for, or holding, a slot."""
@@ -48,6 +54,7 @@ class Work:
         "event",
         "handler",
         "made",
+        "origin",
         "reply",
         "scope",
         "seal",
@@ -62,6 +69,7 @@ class Work:
         window: int,
         deadline: float | None,
         seal: str = "",
+        origin: str = "",
     ) -> None:
         self.event = event
         self.handler = handler
@@ -69,9 +77,74 @@ class Work:
         self.window = window
         self.deadline = deadline
         self.seal = seal  # the digest of the caller's secret; "" from a foreign client
+        self.origin = origin  # the calling happen system's id, "" for a foreign client
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
+
+
+class Overflow:
+    """A request that met a full queue, waiting (briefly) for a twin instance with room."""
+
+    __slots__ = ("request", "work")
+
+    def __init__(self, request: p.Request, work: Work) -> None:
+        self.request = request
+        self.work = work
+
+
+class RoomSearch:
+    """The route of one ``room`` question: the offers of twins that have room.
+
+    Every twin answers, with the room it has (``free`` may be 0). The search is answered at
+    the first offer of room, or once every twin in ``expected`` said it has none.
+    """
+
+    __slots__ = ("answered", "expected", "heard", "offers", "target")
+    abandoned = False
+    secret = ""  # the route protocol's field: nothing to prove
+
+    def __init__(self, node_id: str, answered: Signal, expected: set[str]) -> None:
+        self.target = node_id
+        self.answered = answered
+        self.expected = expected
+        self.heard: set[str] = set()
+        self.offers: list[p.RoomOffer] = []
+
+    def feed(self, frame: Any) -> None:
+        if type(frame) is p.RoomOffer:
+            try:
+                validate_node_id(frame.instance)  # it becomes a subject token
+            except InvalidIdError:
+                return
+            self.heard.add(frame.instance)
+            if frame.free > 0:
+                self.offers.append(frame)
+            elif not self.expected <= self.heard:
+                return  # others may still have room
+        elif not isinstance(frame, BaseException):
+            return
+        self.answered.set()
+
+
+class TwinCensus:
+    """The route that hears every twin of a node answer its first ``room`` question (the
+    census it makes when it subscribes): each answer names a twin."""
+
+    __slots__ = ("target", "twins")
+    abandoned = False
+    secret = ""  # the route protocol's field: nothing to prove
+
+    def __init__(self, node_id: str, twins: set[str]) -> None:
+        self.target = node_id
+        self.twins = twins
+
+    def feed(self, frame: Any) -> None:
+        if type(frame) is p.RoomOffer:
+            try:
+                self.twins.add(validate_node_id(frame.instance))
+            except InvalidIdError:
+                return
 
 
 class Node:
@@ -93,6 +166,7 @@ class Node:
         broadcast_streams: LocalBroadcastStreams,
         idle_timeout: float,
         handlers_changed: Callable[[], None],
+        liveness_timeout: float,
         middleware: MiddlewareStack | None = None,
     ) -> None:
         self.id = node_id
@@ -105,12 +179,19 @@ class Node:
         self._ids = ids
         self._broadcast_streams = broadcast_streams
         self._idle_timeout = idle_timeout
+        self._liveness_timeout = liveness_timeout
+        self._room_wait = min(ROOM_WAIT, liveness_timeout / 4)
         self._handlers = HandlerTable()
         self._mailbox = mailbox
         mailbox.serve(self._execute, self._send_owed_acks)
         self._owed_acks: list[str] = []
         self._subscriptions: dict[str, Subscription] = {}  # broadcast subject suffix -> sub
         self._direct: Subscription | None = None  # the point-to-point subscription
+        self._instance: Subscription | None = None  # requests for this instance only
+        self._rooms: Subscription | None = None  # twins asking for room
+        self._twins: set[str] = set()  # system ids of the node's other instances, as heard
+        self._census = ""  # the inbox token of the twin census
+        self._pings: Subscription | None = None  # liveness pings of callers
         self._cancels: Subscription | None = None  # the subscription to abandon frames
         self._syncing = False
         self._inflight: dict[str, Work] = {}  # admitted requests by reply subject
@@ -118,6 +199,8 @@ class Node:
         self._deadline_seq = 0
         self._deadline_wake: Any = None  # a signal while the watcher sleeps
         self._watching = False
+        self._overflow: deque[Overflow] = deque()  # met a full queue: looking for a twin
+        self._searching = False  # a search for room runs
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
         self._refused_types: set[str] = set()  # broadcast types refused (logged once each)
 
@@ -372,6 +455,19 @@ class Node:
             self._cancels = await transport.subscribe(
                 wire.cancel_subject(self.id), self._on_abandon
             )
+            # Pings first: an instance that can be handed a request answers for it.
+            self._pings = await transport.subscribe(wire.ping_subject(self.id), self._on_ping)
+            self._rooms = await transport.subscribe(wire.room_subject(self.id), self._on_room)
+            # A census: every twin answers (and so learns of this instance too).
+            self._census = wire.register_probe(TwinCensus(self.id, self._twins))
+            await wire.publish(
+                wire.room_subject(self.id),
+                p.RoomAsk(self._system_id, 0),
+                reply=wire.inbox_prefix + self._census,
+            )
+            self._instance = await transport.subscribe(
+                wire.instance_subject(self.id, self._system_id), self._on_request
+            )
             self._direct = await transport.subscribe(
                 wire.node_subject(self.id), self._on_request, queue=self.id
             )
@@ -388,21 +484,28 @@ class Node:
             await self._subscriptions.pop(suffix).unsubscribe()
 
     async def unsubscribe(self) -> None:
-        """Stop hearing anything (the system is stopping). Never raises."""
-        subs = [self._direct, *self._subscriptions.values(), self._cancels]
-        self._direct = self._cancels = None
+        """Stop hearing new events (the system is stopping). Never raises.
+
+        Pings and abandons are still heard, for the calls this instance still holds,
+        until ``close``."""
+        subs = [self._direct, self._instance, self._rooms, *self._subscriptions.values()]
+        self._direct = self._instance = self._rooms = None
         self._subscriptions.clear()
-        for sub in subs:
-            if sub is not None:
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    log.debug("unsubscribe failed while stopping", exc_info=True)
+        await _unsubscribe_all(subs)
+
+    async def close(self) -> None:
+        """Stop hearing anything: every call this instance held has been answered."""
+        subs = [self._pings, self._cancels]
+        self._pings = self._cancels = None
+        self._wire.forget(self._census)
+        await _unsubscribe_all(subs)
 
     def owns(self, subscription: Subscription) -> bool:
-        """Whether ``subscription`` is one of this node's."""
-        return subscription is self._direct or any(
-            subscription is sub for sub in self._subscriptions.values()
+        """Whether ``subscription`` is one of this node's (requests or broadcasts)."""
+        return (
+            subscription is self._direct
+            or subscription is self._instance
+            or any(subscription is sub for sub in self._subscriptions.values())
         )
 
     def count_dropped(self, count: int) -> None:
@@ -410,7 +513,12 @@ class Node:
         self._mailbox.dropped += count
 
     async def fail_pending(self) -> None:
-        """The system stops: every admitted event not yet running fails with ``unavailable``."""
+        """The system stops: every admitted event not yet running fails with ``unavailable``;
+        requests still looking for a twin with room are refused alike."""
+        overflow, self._overflow = self._overflow, deque()
+        for entry in overflow:
+            self._mailbox.rejected += 1
+            await self._reply(entry.work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped"))
         for work in self._mailbox.take_pending():
             self._mailbox.failed += 1
             self._inflight.pop(work.reply, None)
@@ -437,6 +545,10 @@ class Node:
             return
         if req.origin == self._system_id:
             self._caller.arrived(reply)
+        if req.type == p.PRESENCE:  # a liveness question, not an event: answered, not counted
+            if reply:
+                await wire.reply(reply, p.Ack())
+            return
         if not self._runtime.accepting:
             mailbox.rejected += 1
             if reply:
@@ -461,27 +573,163 @@ class Node:
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        work = Work(Event(req.type, payload, context), handler, reply, window, deadline, req.seal)
+        event = Event(req.type, payload, context)
+        work = Work(event, handler, reply, window, deadline, req.seal, req.origin)
+        if self._admit(work, req.priority):
+            if reply and (req.probe or mailbox.holds_senders):  # (else nothing to say now)
+                await self._acknowledge(work, req)
+        elif req.forwarded or not self._twins:  # (no twin to ask: refused at once)
+            await self._refuse_full(reply)
+        else:
+            self._overflow.append(Overflow(req, work))
+            if not self._searching:
+                self._searching = True
+                self._runtime.spawn(self._find_room)
+
+    def _admit(self, work: Work, priority: int) -> bool:
+        """Offer ``work`` to the mailbox; False when the queue is full."""
+        reply = work.reply
         if reply:
             self._inflight[reply] = work
+        mailbox = self._mailbox
         queued = mailbox.queued
-        if not mailbox.offer(work, req.priority):
-            if reply:
-                del self._inflight[reply]
-            mailbox.rejected += 1
-            if reply:
-                queued = mailbox.queued
-                message = f"node {self.id!r} queue is full ({queued} queued)"
-                await wire.reply(reply, p.Failure(p.QUEUE_FULL, message, queued=queued))
-            return
-        if deadline is not None and mailbox.queued > queued:
-            self._watch_deadline(work)
+        if mailbox.offer(work, priority):
+            if work.deadline is not None and mailbox.queued > queued:
+                self._watch_deadline(work)  # it waits in the queue: answer it at its deadline
+            return True
+        if reply:
+            del self._inflight[reply]
+        return False
+
+    async def _acknowledge(self, work: Work, req: p.Request) -> None:
+        """What an admitted request is answered at once: ``hold`` from the pressure
+        threshold on (remote senders only), ``ack`` for a probe."""
+        reply = work.reply
+        mailbox = self._mailbox
         if reply and req.origin != self._system_id and mailbox.holds_senders:
             self._owed_acks.append(reply)
             mailbox.owes_acks = True
-            await wire.reply(reply, p.Hold())
+            await self._wire.reply(reply, p.Hold())
         elif req.probe and reply:
-            await wire.reply(reply, p.Ack())
+            await self._wire.reply(reply, p.Ack())
+
+    async def _refuse_full(self, reply: str) -> None:
+        mailbox = self._mailbox
+        mailbox.rejected += 1
+        if reply:
+            queued = mailbox.queued
+            message = f"node {self.id!r} queue is full ({queued} queued)"
+            await self._wire.reply(reply, p.Failure(p.QUEUE_FULL, message, queued=queued))
+
+    # ----- sharing load with twin instances -----------------------------------------
+
+    async def _find_room(self) -> None:
+        """Pass requests that met a full queue on to twin instances that have room.
+
+        Asks on the room subject and forwards to the instance subject of the twins that
+        offer room; gives up after ``_room_wait`` seconds. What no twin took is admitted
+        here if room came meanwhile, else refused with ``queue_full``.
+        """
+        wire = self._wire
+        deadline = anyio.current_time() + self._room_wait
+        try:
+            while self._overflow:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    break
+                search = RoomSearch(self.id, self._runtime.signal(), set(self._twins))
+                token = wire.register_probe(search)
+                try:
+                    ask = p.RoomAsk(self._system_id, len(self._overflow))
+                    await wire.publish(
+                        wire.room_subject(self.id), ask, reply=wire.inbox_prefix + token
+                    )
+                    with anyio.move_on_after(left):
+                        await search.answered.wait()
+                finally:
+                    wire.forget(token)
+                self._twins -= search.expected - search.heard  # silent twins are gone
+                if not search.offers:
+                    break
+                for offer in search.offers:
+                    await self._forward(offer)
+        except HappenError as exc:
+            log.debug("node %r could not ask its twins for room: %s", self.id, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle_overflow()
+            self._searching = False
+
+    async def _forward(self, offer: p.RoomOffer) -> None:
+        """Pass up to ``offer.free`` waiting requests on to the twin that offered room."""
+        wire = self._wire
+        overflow = self._overflow
+        subject = wire.instance_subject(self.id, offer.instance)
+        for _ in range(min(offer.free, len(overflow))):
+            entry = overflow.popleft()
+            work, req = entry.work, entry.request
+            timeout_ms = req.timeout_ms
+            if work.deadline is not None:  # what is left of it, not all of it again
+                timeout_ms = max(1, int((work.deadline - anyio.current_time()) * 1000))
+            try:
+                data = wire.encode(
+                    msgspec.structs.replace(req, forwarded=True, timeout_ms=timeout_ms)
+                )
+                await wire.publish_data(subject, data, reply=work.reply or None)
+            except HappenError as exc:
+                log.debug("node %r could not pass a request on to a twin: %s", self.id, exc)
+                overflow.appendleft(entry)
+                return
+            self._mailbox.forwarded += 1
+
+    async def _settle_overflow(self) -> None:
+        """Requests no twin took: admitted here if room came meanwhile, else refused."""
+        overflow = self._overflow
+        while overflow:
+            entry = overflow.popleft()
+            work = entry.work
+            if not self._runtime.accepting:
+                self._mailbox.rejected += 1
+                await self._reply(work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
+            elif self._admit(work, entry.request.priority):
+                await self._acknowledge(work, entry.request)
+            else:
+                await self._refuse_full(work.reply)
+
+    async def _on_room(self, msg: Message) -> None:
+        wire = self._wire
+        try:
+            ask = wire.room_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} room", exc)
+            return
+        if ask.instance == self._system_id or not msg.reply or not self._runtime.accepting:
+            return  # our own question, or nowhere to answer
+        try:
+            self._twins.add(validate_node_id(ask.instance))
+        except InvalidIdError as exc:
+            wire.report_bad_input(f"node {self.id!r} room", exc)
+            return
+        free = self._mailbox.room() if not self._overflow else 0
+        await wire.reply(msg.reply, p.RoomOffer(self._system_id, max(free, 0)))
+
+    # ----- liveness -----------------------------------------------------------------
+
+    async def _on_ping(self, msg: Message) -> None:
+        wire = self._wire
+        try:
+            ping = wire.ping_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} ping", exc)
+            return
+        if not msg.reply:
+            return
+        inflight = self._inflight
+        held = [reply for reply in ping.calls if reply in inflight]
+        if self._overflow:
+            waiting = {entry.work.reply for entry in self._overflow}
+            held.extend(reply for reply in ping.calls if reply in waiting)
+        await wire.reply(msg.reply, p.Pong(held, self._system_id))
 
     async def _on_abandon(self, msg: Message) -> None:
         wire = self._wire
@@ -724,6 +972,7 @@ class Node:
                 runtime=runtime,
                 mailbox=mailbox,
                 idle_timeout=self._idle_timeout,
+                liveness_timeout=self._liveness_timeout,
             )
             return
         if work.reply and not await self._wire.reply(work.reply, p.Result(result)):
@@ -734,3 +983,12 @@ class Node:
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
             await self._wire.reply(work.reply, frame)
+
+
+async def _unsubscribe_all(subs: list[Subscription | None]) -> None:
+    for sub in subs:
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("unsubscribe failed while stopping", exc_info=True)

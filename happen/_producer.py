@@ -38,6 +38,11 @@ class Producer:
     protocol: the producer stops and ``violation`` says why. A cancel counts only with the
     secret whose digest is ``seal`` (when the request had one); ``report`` is told of any
     other, which is otherwise ignored.
+
+    While it waits for credit longer than ``tick`` seconds, ``ping`` (when set) asks the
+    consumer's system whether it still reads: an answer keeps the stream, a "gone" answer
+    or a "no responders" status stops it at once, and two unanswered pings in a row stop it
+    too (``wait_for_credit`` returns ``"lost"``).
     """
 
     __slots__ = (
@@ -47,12 +52,15 @@ class Producer:
         "credit",
         "granted",
         "lost",
+        "ping",
         "report",
         "scope",
         "seal",
         "sent",
         "signal",
         "target",
+        "tick",
+        "unanswered",
         "violation",
     )
     secret = ""  # the route protocol's field: a producer sends no cancel of its own
@@ -64,6 +72,8 @@ class Producer:
         *,
         seal: str = "",
         report: Callable[[str], None] | None = None,
+        tick: float = 0.0,
+        ping: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.signal = signal
         self.target = ""  # the route protocol's field; a producer has no target node
@@ -73,10 +83,13 @@ class Producer:
         self.seal = seal
         self.report = report
         self.cancelled = False
-        self.lost = False  # cut off by the transport, not cancelled by the consumer
+        self.lost = False  # cut off by the transport or the consumer's host, not cancelled
         self.violation = ""  # why the consumer's frames broke the protocol, if they did
         self.abandoned = False
         self.scope: anyio.CancelScope | None = None
+        self.tick = tick
+        self.ping = ping if tick > 0 else None
+        self.unanswered = 0  # pings sent in a row without a pong
         self._wake: Signal | None = None
 
     def feed(self, frame: Any) -> None:
@@ -93,6 +106,7 @@ class Producer:
                     self.cancel()
                     return
                 self.credit += n
+                self.unanswered = 0
                 if self._wake is not None:
                     self._wake.set()
         elif kind is p.Cancel:
@@ -101,7 +115,12 @@ class Producer:
                     self.report("ignored a cancel without the stream's secret")
                 return
             self.cancel()
-        elif isinstance(frame, BaseException):  # the connection was lost or the system stops
+        elif kind is p.Pong:
+            self.unanswered = 0
+            if frame.gone:  # the consumer's system no longer reads this stream
+                self.lost = True
+                self.cancel()
+        elif isinstance(frame, BaseException):  # connection lost, system stops, no responders
             self.lost = True
             self.cancel()
 
@@ -115,6 +134,25 @@ class Producer:
             self._wake = self.signal()
             await self._wake.wait()
             self._wake = None
+
+    async def wait_for_credit(self, idle_timeout: float) -> str:
+        """Wait for credit: ``""`` once there is some, ``"idle"`` when none came for
+        ``idle_timeout`` seconds, ``"lost"`` when two pings in a row went unanswered."""
+        deadline = anyio.current_time() + idle_timeout
+        while self.credit <= 0:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return "idle"
+            ping = self.ping
+            with anyio.move_on_after(left if ping is None else min(left, self.tick)):
+                await self.wait_credit()
+            if self.credit > 0 or ping is None or anyio.current_time() >= deadline:
+                continue
+            if self.unanswered >= 2:
+                return "lost"
+            self.unanswered += 1
+            await ping()
+        return ""
 
 
 class _Buffer:
@@ -146,9 +184,10 @@ async def pump(
 ) -> str:
     """Run ``agen`` within the credit and publish its items in batches.
 
-    Returns ``"end"`` when the generator finished or ``"idle"`` when the consumer granted no
-    credit for ``idle_timeout`` seconds; raises what the generator raised, after publishing
-    the items it yielded before.
+    Returns ``"end"`` when the generator finished, ``"idle"`` when the consumer granted no
+    credit for ``idle_timeout`` seconds, or ``"lost"`` when the consumer's system stopped
+    answering pings; raises what the generator raised, after publishing the items it
+    yielded before.
     """
     buffer = _Buffer(producer.signal)
 
@@ -157,10 +196,9 @@ async def pump(
         try:
             while True:
                 if producer.credit <= 0:
-                    with anyio.move_on_after(idle_timeout) as idle:
-                        await producer.wait_credit()
-                    if idle.cancelled_caught:
-                        buffer.outcome = "idle"
+                    waited = await producer.wait_for_credit(idle_timeout)
+                    if waited:
+                        buffer.outcome = waited
                         return
                     continue
                 item = await agen.__anext__()
@@ -213,6 +251,7 @@ class Conversation(Protocol):
     window: int  # the credit the caller granted up front
     abandoned: bool  # the caller gave up
     seal: str  # the digest of the caller's secret ("" from a client that sent none)
+    origin: str  # the calling happen system's id; "" for a foreign client (never pinged)
 
 
 async def publish_items(wire: p.Wire, reply: str, items: list[Any], producer: Producer) -> None:
@@ -243,19 +282,31 @@ async def produce(
     runtime: Runtime,
     mailbox: Mailbox[Any],
     idle_timeout: float,
+    liveness_timeout: float,
 ) -> None:
     """Stream ``agen``'s items to the caller, never more than the granted credit ahead.
 
     Counts the outcome on ``mailbox``: completed, or failed (the generator raised, the
-    consumer vanished or read nothing for ``idle_timeout``, the system stopped).
+    consumer vanished or read nothing for ``idle_timeout``, the consumer's system stopped
+    answering within ``liveness_timeout``, the system stopped).
     """
     reply = conversation.reply
     where = f"node {node_id!r} stream"
+    control = ""  # the inbox token of the producer's control subject
+
+    async def ping() -> None:
+        try:
+            await wire.publish(reply, p.Ping(), reply=wire.inbox_prefix + control)
+        except Exception as exc:  # not answered, then: counted as such
+            log.debug("could not ping the consumer of %s: %s", reply, exc)
+
     producer = Producer(
         conversation.window if reply else 1 << 62,
         runtime.signal,
         seal=conversation.seal,
         report=lambda message: wire.report_violation(f"{where} cancel", message),
+        tick=liveness_timeout / 4 if reply and conversation.origin else 0.0,
+        ping=ping,
     )
     control = wire.register(producer) if reply else ""  # the inbox token
     outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
@@ -316,6 +367,14 @@ async def produce(
             f"stream from node {node_id!r} closed: the consumer read nothing for {idle_timeout} s"
         )
         await answer(p.Failure(p.TIMEOUT, message))
+        return
+    if outcome == "lost":
+        mailbox.failed += 1
+        message = (
+            f"stream from node {node_id!r} closed: the consumer's system did not answer "
+            f"for {liveness_timeout} s"
+        )
+        await answer(p.Failure(p.TIMEOUT, message))  # in case it was only frozen
         return
     if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd(producer.sent)):
         mailbox.failed += 1

@@ -26,6 +26,7 @@ from happen._errors import (
 )
 from happen._events import IdGenerator
 from happen._ids import validate_node_id
+from happen._liveness import LivenessMonitor
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack
 from happen._node import Node
@@ -65,6 +66,12 @@ class System:
     - ``process_workers``: how many handlers registered with ``executor="process"`` may run
       at once, each in a worker process (default ``os.cpu_count()``).
     - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
+    - ``liveness_timeout``: seconds within which a call whose serving host died, froze or
+      became unreachable ends with ``HostLostError``, even without a ``timeout`` (5). The
+      system pings the hosts of calls silent for a quarter of it; a producer whose
+      consumer's system stopped answering gives its slot back within it too.
+
+    Every setting is validated here: a bad value raises ``InvalidConfigError`` naming it.
 
     Use it as an async context manager; ``stop()`` may also be awaited inside the
     ``async with`` block. Without ``async with``, ``start()`` and ``stop()`` must be awaited
@@ -84,6 +91,7 @@ class System:
         worker_threads: int = 40,
         drain_timeout: float = 10.0,
         process_workers: int | None = None,
+        liveness_timeout: float = 5.0,
     ) -> None:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
@@ -108,6 +116,7 @@ class System:
             if process_workers is None
             else _positive("process_workers", process_workers, int)
         )
+        self._liveness_timeout: float = _positive("liveness_timeout", liveness_timeout, float)
         self._transport_spec = transport
         self._transport: Transport | None = None
         self.namespace = namespace
@@ -129,6 +138,12 @@ class System:
             local_mailbox=self._local_mailbox,
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
+        )
+        self._liveness = LivenessMonitor(
+            wire=self._wire,
+            runtime=self._runtime,
+            system_id=self.id,
+            timeout=self._liveness_timeout,
         )
         self._context_managed = False
         self._stopped: anyio.Event | None = None
@@ -187,6 +202,7 @@ class System:
             await transport.subscribe(f"{self.namespace}.stats", self._answer_stats)
             runtime.state = "running"
             runtime.accepting = True
+            runtime.spawn(self._liveness.run)
             for node in list(self._nodes.values()):
                 await node.subscribe(transport)
         except BaseException:
@@ -269,6 +285,8 @@ class System:
                 await node.fail_pending()
             await runtime.cancel_tasks()
             runtime.processes.shutdown()
+            for node in nodes:
+                await node.close()
             # Replies our own nodes published to our own callers may still be in flight.
             with anyio.move_on_after(2.0):
                 await self._caller.wait_answers(self._nodes)
@@ -326,6 +344,7 @@ class System:
             idle_timeout=self._idle_timeout,
             handlers_changed=self._handlers_changed,
             middleware=MiddlewareStack(self._middleware),
+            liveness_timeout=self._liveness_timeout,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox

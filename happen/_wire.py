@@ -43,8 +43,12 @@ __all__ = [
     "Failure",
     "Hold",
     "InboxFrame",
+    "Ping",
+    "Pong",
     "Request",
     "Result",
+    "RoomAsk",
+    "RoomOffer",
     "Route",
     "StreamEnd",
     "StreamStart",
@@ -58,6 +62,9 @@ HANDLER_ERROR = "handler_error"
 TIMEOUT = "timeout"
 BAD_REQUEST = "bad_request"
 UNAVAILABLE = "unavailable"
+
+#: The reserved event type of a presence probe: "does anyone serve this node at all?"
+PRESENCE = "happen.presence"
 
 
 class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True):
@@ -76,6 +83,7 @@ class Request(_Frame, tag="req"):
     origin: str = ""  # the sending system's id; "" for foreign clients
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
     seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
+    forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
 
 
 class Result(_Frame, tag="res"):
@@ -174,8 +182,56 @@ class BroadcastEnd(_Frame, tag="bend"):
     error: str | None = None
 
 
+class Ping(_Frame, tag="ping"):
+    """Liveness: "do you still hold these calls?"
+
+    A caller publishes it to ``{ns}.ping.{node_id}`` (every instance hears it) listing the
+    reply subjects of its silent calls; each instance answers ``pong`` with those it holds.
+    A producer waiting for credit publishes it, ``calls`` empty, to its consumer's reply
+    subject; the consumer's system answers ``pong``, or ``pong`` with ``gone`` when it no
+    longer reads that stream.
+    """
+
+    calls: list[str] = []
+
+
+class Pong(_Frame, tag="pong"):
+    """The answer to a ``ping``: the pinged calls this instance holds, and who it is."""
+
+    calls: list[str] = []
+    instance: str = ""  # the answering system's id
+    gone: bool = False  # answered by a consumer: the stream pinged is not read any more
+
+
+class RoomAsk(_Frame, tag="room"):
+    """A full instance asks its twins for room, on ``{ns}.room.{node_id}``."""
+
+    instance: str  # the asking system's id (it ignores its own question)
+    n: int = 1  # how many requests it would pass on
+
+
+class RoomOffer(_Frame, tag="offer"):
+    """A twin with room answers a ``room`` question: forward up to ``free`` requests to
+    ``{ns}.inst.{node_id}.{instance}``."""
+
+    instance: str
+    free: int
+
+
 InboxFrame = (
-    Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
+    Result
+    | Failure
+    | Hold
+    | Ack
+    | StreamStart
+    | Chunk
+    | Chunks
+    | StreamEnd
+    | Credit
+    | Cancel
+    | Ping
+    | Pong
+    | RoomOffer
 )
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
 
@@ -255,16 +311,20 @@ class Wire:
         self.namespace = namespace
         self.transport: Transport | None = None
         self.inbox_prefix = ""
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route] = {}  # open calls and streams, by inbox token
+        self.probes: dict[str, Route] = {}  # short protocol questions (pings, room), by token
         self.bad_inputs = 0  # malformed frames received by this system, all nodes together
         self.stray_frames = 0  # well-formed frames for a request or stream no longer here
         self._bad_input_logged: set[str] = set()
         self.request_decoder = codec.decoder(Request)
         self.abandon_decoder = codec.decoder(Abandon)
+        self.ping_decoder = codec.decoder(Ping)
+        self.room_decoder = codec.decoder(RoomAsk)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._node_prefix = f"{namespace}.node."
         self._bcast_prefix = f"{namespace}.bcast."
+        self._inst_prefix = f"{namespace}.inst."
 
     # ----- subjects -----------------------------------------------------------------
 
@@ -273,6 +333,18 @@ class Wire:
 
     def cancel_subject(self, node_id: str) -> str:
         return f"{self.namespace}.cancel.{node_id}"
+
+    def ping_subject(self, node_id: str) -> str:
+        """Liveness pings to every instance of ``node_id``."""
+        return f"{self.namespace}.ping.{node_id}"
+
+    def instance_subject(self, node_id: str, system_id: str) -> str:
+        """Requests for the instance of ``node_id`` hosted by system ``system_id`` only."""
+        return self._inst_prefix + node_id + "." + system_id
+
+    def room_subject(self, node_id: str) -> str:
+        """Questions of a full instance of ``node_id`` to its twins."""
+        return f"{self.namespace}.room.{node_id}"
 
     def broadcast_subject(self, suffix: str) -> str:
         return self._bcast_prefix + suffix
@@ -355,9 +427,17 @@ class Wire:
         self.routes[token] = route
         return token
 
+    def register_probe(self, route: Route) -> str:
+        """``register`` for a short protocol question (a ping round, a room search): its
+        answers are routed alike, but it is not an open call (``System.idle`` ignores it)."""
+        token = os.urandom(10).hex()
+        self.probes[token] = route
+        return token
+
     def forget(self, token: str) -> None:
         if token:
-            self.routes.pop(token, None)
+            if self.routes.pop(token, None) is None:
+                self.probes.pop(token, None)
 
     def route_for(self, subject: str) -> Route | None:
         """The route of one of this system's reply subjects, if still open."""
@@ -368,10 +448,12 @@ class Wire:
     async def _on_inbox(self, msg: Message) -> None:
         token = msg.subject[len(self.inbox_prefix) :]
         route = self.routes.get(token)
+        if route is None:
+            route = self.probes.get(token)
         headers = msg.headers
         if headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
             if route is not None:
-                self.routes.pop(token, None)
+                self.forget(token)
                 route.feed(
                     NodeNotFoundError(
                         f"no node {route.target!r} is running in namespace {self.namespace!r}",
@@ -383,6 +465,10 @@ class Wire:
             frame = self._inbox_decoder.decode(msg.data)
         except CodecError as exc:
             self.report_bad_input("inbox", exc)
+            return
+        if type(frame) is Ping:  # a producer asks whether we still read its stream
+            if msg.reply:
+                await self.reply(msg.reply, Pong(gone=token not in self.routes))
             return
         if route is None:
             # Late frames are normal (a credit after the stream ended, a reply after the
@@ -403,8 +489,9 @@ class Wire:
 
     def fail_routes(self, error: BaseException) -> None:
         """End every open conversation with ``error`` (connection lost, system stopped)."""
-        routes = list(self.routes.values())
+        routes = [*self.routes.values(), *self.probes.values()]
         self.routes.clear()
+        self.probes.clear()
         for route in routes:
             route.feed(error)
 

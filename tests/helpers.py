@@ -75,6 +75,7 @@ async def observed_inbox(system: happen.System, transport: Any) -> str:
         seen.set()
 
     sub = await transport.subscribe(f"{system.namespace}.node.zz-spy", spy)
+    await flushed(transport)
     await system.ready()
     asker = system.create_node(f"zz-asker{next(_namespaces)}")
 
@@ -90,3 +91,19 @@ async def observed_inbox(system: happen.System, transport: Any) -> str:
             await seen.wait()
     await sub.unsubscribe()
     return subjects[0].rpartition(".")[0] + "."
+
+
+async def flushed(transport: Any) -> None:
+    """Return once the subscriptions ``transport`` (started) made so far are live on the
+    server: a request nobody hears comes back "no responders" only after them."""
+    answered = anyio.Event()
+
+    async def on_status(msg: Any) -> None:
+        answered.set()
+
+    inbox = transport.new_inbox()
+    sub = await transport.subscribe(inbox, on_status)
+    await transport.publish(f"zz-nobody.{next(_namespaces)}", b"", reply=inbox)
+    with anyio.fail_after(10):
+        await answered.wait()
+    await sub.unsubscribe()

@@ -39,9 +39,10 @@ async def test_a_third_party_who_saw_a_request_cannot_abandon_it(
             raise
         return "done"
 
-    client = system.create_node("client")
+    caller = happen.System(transport=make_transport(), namespace=ns)  # the victim's host
+    client = caller.create_node("client")
     spy = await RawPeer(make_transport()).start()
-    async with system:
+    async with system, caller:
         await system.ready()
         requests = await spy.listen(f"{ns}.node.slow")  # a copy of every request to the node
         results: list[str] = []
@@ -85,11 +86,13 @@ async def test_a_third_party_cannot_cancel_another_callers_stream(
         finally:
             finalised.set()
 
-    client = system.create_node("client")
+    caller = happen.System(transport=make_transport(), namespace=ns)  # the victim's host
+    client = caller.create_node("client")
     spy = await RawPeer(make_transport()).start()
-    async with system:
+    async with system, caller:
+        await system.ready()
         # The spy hears every request to the node and every frame to the caller's inbox.
-        inbox = await observed_inbox(system, spy.transport)
+        inbox = await observed_inbox(caller, spy.transport)
         requests = await spy.listen(f"{ns}.node.feed")
         replies = await spy.listen(inbox + "*")
         got: list[int] = []

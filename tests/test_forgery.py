@@ -11,7 +11,7 @@ import pytest
 
 import happen
 from happen._transport import Message, Transport
-from tests.helpers import unique_namespace
+from tests.helpers import flushed, unique_namespace
 
 pytestmark = pytest.mark.anyio
 
@@ -45,6 +45,7 @@ async def test_a_seen_reply_subject_does_not_lead_to_another_callers_result(
         await server.ready()
         await raw.start()
         await raw.subscribe(f"{ns}.node.spy", spy, queue="spy")
+        await flushed(raw)
         caller = client.create_node("caller")
         results: list[Any] = []
 

@@ -517,13 +517,17 @@ authorization {
   users = [
     { user: "host-a", password: "pa",
       permissions: {
-        subscribe: { allow: ["NS.node.X", "NS.cancel.X", "_INBOX.hostA.>"] }
-        publish:   { allow: ["NS.node.Z", "NS.cancel.Z", "_INBOX.>"] }
+        subscribe: { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X", "NS.room.X",
+                             "NS.inst.X.*", "_INBOX.hostA.>"] }
+        publish:   { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z",
+                             "NS.room.X", "NS.inst.X.*", "_INBOX.>"] }
       } }
     { user: "host-z", password: "pz",
       permissions: {
-        subscribe: { allow: ["NS.node.Z", "NS.cancel.Z", "_INBOX.hostZ.>"] }
-        publish:   { allow: ["NS.node.X", "NS.cancel.X", "_INBOX.>"] }
+        subscribe: { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z", "NS.room.Z",
+                             "NS.inst.Z.*", "_INBOX.hostZ.>"] }
+        publish:   { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X",
+                             "NS.room.Z", "NS.inst.Z.*", "_INBOX.>"] }
       } }
   ]
 }
@@ -549,7 +553,7 @@ async def test_per_subject_permissions_from_the_guide(tmp_path: Path) -> None:
 
         async with host("host-a", "pa", "_INBOX.hostA") as a, host(
             "host-z", "pz", "_INBOX.hostZ"
-        ) as z:
+        ) as z, host("host-z", "pz", "_INBOX.hostZ.other") as other:
             x = a.create_node("X")
             x.on("hello", lambda e, c: "from X")
             z_node = z.create_node("Z")
@@ -567,9 +571,10 @@ async def test_per_subject_permissions_from_the_guide(tmp_path: Path) -> None:
 
             assert await call(a, "Z") == "from Z"  # calls and streams work with the grants
             assert await call(z, "X") == "from X"
-            # host-z is not granted X's subject: hosting X there reaches nobody
+            # host-z is not granted X's subjects: hosting X there reaches nobody. (Its own
+            # calls to X would go to its own instance of X, so another host calls.)
             intruder = z.create_node("X")
             intruder.on("hello", lambda e, c: "intruder")
             for _ in range(20):
-                assert await call(z, "X") == "from X"
+                assert await call(other, "X") == "from X"
             assert intruder.stats().accepted == 0
