@@ -22,6 +22,7 @@ from happen._mailbox import NodeStats
 from happen._middleware import CallNext, Middleware
 from happen._node import Node
 from happen._observe import CallObserver, CallWatch
+from happen._state import NodeState, StateConflict, StateView, Versioned
 from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
@@ -43,10 +44,13 @@ __all__ = [
     "NoHandlerError",
     "Node",
     "NodeNotFoundError",
+    "NodeState",
     "NodeStats",
     "PayloadTooLargeError",
     "QueueFullError",
     "SendTimeout",
+    "StateConflict",
+    "StateView",
     "Stream",
     "Subscription",
     "System",
@@ -54,6 +58,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "TransportListener",
+    "Versioned",
 ]
 
 __version__ = "0.1.0"

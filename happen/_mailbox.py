@@ -31,6 +31,13 @@ class NodeStats(msgspec.Struct, frozen=True):
 
     ``accepted + rejected + dropped`` is every event that reached the node;
     ``completed + failed`` equals ``accepted`` once the node is idle.
+
+    Node state (``node.state``, and views this node made with ``node.view``):
+    ``state_reads`` counts reads of the state bucket (each ``get``, and the read an
+    ``update`` makes when this system has no recent revision of the name);
+    ``state_writes`` counts ``put``, ``delete`` and ``update`` calls that succeeded;
+    ``state_conflicts`` counts compare-and-sets that were refused (each ``StateConflict``
+    raised, and each refused attempt an ``update`` retried).
     """
 
     active: int
@@ -43,6 +50,9 @@ class NodeStats(msgspec.Struct, frozen=True):
     failed: int
     rejected: int
     dropped: int
+    state_reads: int = 0
+    state_writes: int = 0
+    state_conflicts: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -89,6 +99,9 @@ class Mailbox(Generic[Item]):
         self.failed = 0
         self.rejected = 0
         self.dropped = 0
+        self.state_reads = 0
+        self.state_writes = 0
+        self.state_conflicts = 0
 
     def serve(
         self,
@@ -157,6 +170,9 @@ class Mailbox(Generic[Item]):
             failed=self.failed,
             rejected=self.rejected,
             dropped=self.dropped,
+            state_reads=self.state_reads,
+            state_writes=self.state_writes,
+            state_conflicts=self.state_conflicts,
         )
 
     def offer(self, item: Item, priority: int = 0) -> bool:

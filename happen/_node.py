@@ -22,6 +22,7 @@ from happen._middleware import Middleware, MiddlewareStack, run_chain
 from happen._patterns import PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
+from happen._state import NodeState, StateStore, StateView
 from happen._transport import Message, Subscription, Transport
 
 __all__ = ["Node"]
@@ -71,9 +72,12 @@ class Node:
         broadcast_streams: LocalBroadcastStreams,
         idle_timeout: float,
         handlers_changed: Callable[[], None],
+        state: StateStore,
         middleware: MiddlewareStack | None = None,
     ) -> None:
         self.id = node_id
+        self._state_store = state
+        self._state = NodeState(state, node_id, mailbox)
         self._middleware = middleware if middleware is not None else MiddlewareStack()
         self._handlers_changed = handlers_changed
         self._system_id = system_id
@@ -216,6 +220,20 @@ class Node:
     def stats(self) -> NodeStats:
         """A snapshot of this node's flow control and counts."""
         return self._mailbox.stats()
+
+    # ----- state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> NodeState:
+        """This node's state: named values shared by every instance of the node, with
+        revisions and compare-and-set (``get``, ``put``, ``delete``, ``update``)."""
+        return self._state
+
+    def view(self, node_id: str | Node) -> StateView:
+        """Read-only access to another node's state (``get`` only); its reads count in
+        this node's ``state_reads``. Raises ``InvalidIdError`` for a malformed id."""
+        target = node_id.id if isinstance(node_id, Node) else node_id
+        return StateView(self._state_store, target, self._mailbox)
 
     # ----- subscriptions ------------------------------------------------------------
 
