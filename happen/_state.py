@@ -40,11 +40,12 @@ from happen._transport import (
 
 __all__ = ["NodeState", "StateConflict", "StateCounts", "StateStore", "StateView", "Versioned"]
 
-#: Seconds before the third attempt of an ``update``; each later one doubles it (with full
-#: jitter: a random wait up to it), up to ``BACKOFF_MAX``. The second attempt goes at once:
-#: the refused compare brought the value to retry with.
-BACKOFF_INITIAL = 0.002
-BACKOFF_MAX = 0.1
+#: The wait before the third attempt of an ``update``; each later one doubles, up to
+#: ``BACKOFF_MAX`` (seconds). A wait is jittered between half of it and all of it, and is
+#: followed by a fresh read. The second attempt goes at once: the refused compare brought
+#: the value to retry with.
+BACKOFF_INITIAL = 0.005
+BACKOFF_MAX = 0.2
 #: What a system remembers of the names it read and wrote (for ``update``), at most.
 SEEN_ENTRIES = 4096
 SEEN_BYTES = 8 * 1024 * 1024
@@ -279,9 +280,11 @@ class StateStore:
                     self._remember(key, base)
                     if attempt == attempts:
                         raise self._conflict(node_id, name, mismatch) from None
-                    if attempt > 1:
+                    if attempt > 1:  # contended: wait, then read it again (fresher)
                         ceiling = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (attempt - 2))
-                        await anyio.sleep(random.uniform(0, ceiling))
+                        await anyio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
+                        base = await kv.get(key)
+                        counts.state_reads += 1
                     continue
                 except PayloadTooLargeError as exc:
                     raise PayloadTooLargeError(
@@ -394,12 +397,12 @@ class NodeState:
 
         ``fn`` may be sync or async. It may run more than once: when another writer got in
         first, the compare is refused and ``fn`` is applied again to that writer's value,
-        up to ``attempts`` times in all (after the second, with a short jittered wait).
-        Updates of one name in one system run one at a time. What ``fn`` raises is raised
-        at once, and nothing is written.
+        up to ``attempts`` times in all (at once the first time, then after a short
+        jittered wait and a fresh read). Updates of one name in one system run one at a
+        time. What ``fn`` raises is raised at once, and nothing is written.
 
-        Raises ``StateConflict`` when every attempt was refused (a name many processes
-        update at once: serialise its writers instead), ``ValueError`` for ``attempts``
-        below 1, and what ``put`` raises.
+        Raises ``StateConflict`` when every attempt was refused: a name that several
+        processes update all the time (give it more ``attempts``, or send its updates to
+        one place), ``ValueError`` for ``attempts`` below 1, and what ``put`` raises.
         """
         return await self._store.update(self._node_id, name, fn, attempts, self._counts)
