@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import anyio
@@ -109,14 +108,6 @@ def _check_expect(expect: object) -> None:
         raise ValueError(f"expect must be None, 0 or a revision read before, not {expect!r}")
 
 
-class _NameLock:
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = anyio.Lock(fast_acquire=True)
-        self.users = 0
-
-
 class StateStore:
     """A system's node state: the bucket (opened on first use), the codec, and what the
     system last saw of each name. Every node of the system is handed the same store.
@@ -131,7 +122,7 @@ class StateStore:
         self._transport = transport
         self._kv: KeyValue | None = None
         self._opening: anyio.Lock | None = None
-        self._locks: dict[str, _NameLock] = {}
+        self._updating: dict[str, deque[anyio.Event]] = {}  # names being updated: waiters
         self._seen: OrderedDict[str, Entry] = OrderedDict()
         self._seen_bytes = 0
 
@@ -184,20 +175,30 @@ class StateStore:
         while len(seen) > SEEN_ENTRIES or self._seen_bytes > SEEN_BYTES:
             self._seen_bytes -= len(seen.popitem(last=False)[1].value)
 
-    @asynccontextmanager
-    async def _updating(self, key: str) -> AsyncIterator[None]:
-        """One update of ``key`` at a time in this system."""
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = _NameLock()
-        entry.users += 1
+    async def _take_turn(self, key: str) -> None:
+        """Wait until no other update of ``key`` runs in this system; then it is ours until
+        ``_end_turn``. No checkpoint when nobody else updates it (the common case)."""
+        waiters = self._updating.get(key)
+        if waiters is None:
+            self._updating[key] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
         try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self._locks[key]
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # it was handed to us as we were cancelled: pass it on
+                self._end_turn(key)
+            else:
+                waiters.remove(turn)
+            raise
+
+    def _end_turn(self, key: str) -> None:
+        waiters = self._updating[key]
+        if waiters:
+            waiters.popleft().set()
+        else:
+            del self._updating[key]
 
     # ----- operations ----------------------------------------------------------------
 
@@ -260,8 +261,9 @@ class StateStore:
             raise ValueError(f"attempts must be an int of at least 1, not {attempts!r}")
         if not callable(fn):
             raise TypeError(f"update needs a function of the current value, not {fn!r}")
-        async with self._updating(key):
-            kv = await self._bucket()
+        kv = await self._bucket()
+        await self._take_turn(key)
+        try:
             base = self._seen.get(key)
             if base is None:
                 base = await kv.get(key)
@@ -294,6 +296,8 @@ class StateStore:
                 entry = Entry(data, revision)
                 self._remember(key, entry)
                 return Versioned(self._decoder.decode(data), revision)
+        finally:
+            self._end_turn(key)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
 
