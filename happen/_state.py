@@ -17,7 +17,6 @@ refused compare, whose answer carries the value to retry with.
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -110,7 +109,8 @@ def _check_expect(expect: object) -> None:
 
 class StateStore:
     """A system's node state: the bucket (opened on first use), the codec, and what the
-    system last saw of each name. Every node of the system is handed the same store.
+    system last saw of each name. Every node of the system is handed the same store; its
+    ``NodeState`` and ``StateView`` objects run the operations with these helpers.
 
     ``transport`` returns the system's running transport, or raises when there is none.
     """
@@ -118,7 +118,11 @@ class StateStore:
     def __init__(self, *, codec: Codec, namespace: str, transport: Callable[[], Transport]) -> None:
         self.bucket_name = f"happen_{namespace}_state"
         self._codec = codec
-        self._decoder = codec.decoder(object)
+        self.decode = codec.decoder(object).decode
+        # For bytes this system encoded itself: the codec refused them if nested too deeply.
+        self.decode_own = (
+            msgspec.json.Decoder() if codec.name == "json" else msgspec.msgpack.Decoder()
+        ).decode
         self._transport = transport
         self._kv: KeyValue | None = None
         self._opening: anyio.Lock | None = None
@@ -128,11 +132,15 @@ class StateStore:
 
     # ----- the bucket ----------------------------------------------------------------
 
-    async def _bucket(self) -> KeyValue:
-        transport = self._transport()  # raises unless the system runs (or drains)
-        kv = self._kv
-        if kv is not None:
-            return kv
+    def bucket(self) -> KeyValue | None:
+        """The bucket if it is open (``None``: ``open()`` it). Raises unless the system
+        runs (or drains)."""
+        self._transport()
+        return self._kv
+
+    async def open(self) -> KeyValue:
+        """Open the bucket (once, whoever asks first), through the transport's seam."""
+        transport = self._transport()
         if self._opening is None:
             self._opening = anyio.Lock()
         async with self._opening:
@@ -140,25 +148,37 @@ class StateStore:
                 self._kv = await durable_transport(transport).key_value(self.bucket_name)
             return self._kv
 
-    # ----- values --------------------------------------------------------------------
+    # ----- names and values ----------------------------------------------------------
 
-    def _encode(self, node_id: str, name: str, value: Any) -> bytes:
+    @staticmethod
+    def key(node_id: str, name: object) -> str:
+        """The bucket key of ``name`` in ``node_id``'s state (``InvalidIdError`` for a
+        malformed name)."""
+        return f"{node_id}.{_check_name(name)}"
+
+    def encode(self, node_id: str, name: str, value: Any) -> bytes:
         try:
             return self._codec.encode(value)
         except CodecError as exc:
             raise CodecError(f"state {name!r} of node {node_id!r}: {exc}") from None
 
-    def _versioned(self, entry: Entry | None) -> Versioned | None:
+    def versioned(self, entry: Entry | None) -> Versioned | None:
         if entry is None:
             return None
-        return Versioned(self._decoder.decode(entry.value), entry.revision)
+        return Versioned(self.decode(entry.value), entry.revision)
 
-    def _conflict(self, node_id: str, name: str, mismatch: RevisionMismatch) -> StateConflict:
-        return StateConflict(node_id, name, mismatch.expected, self._versioned(mismatch.current))
+    def conflict(self, node_id: str, name: str, mismatch: RevisionMismatch) -> StateConflict:
+        """The ``StateConflict`` for ``mismatch``; remembers the current entry it carries."""
+        current = self.versioned(mismatch.current)
+        self.remember(self.key(node_id, name), mismatch.current)
+        return StateConflict(node_id, name, mismatch.expected, current)
 
     # ----- what this system last saw of each name (a guess for update) ---------------
 
-    def _remember(self, key: str, entry: Entry | None) -> None:
+    def seen(self, key: str) -> Entry | None:
+        return self._seen.get(key)
+
+    def remember(self, key: str, entry: Entry | None) -> None:
         seen = self._seen
         old = seen.get(key)
         if entry is None:
@@ -169,136 +189,55 @@ class StateStore:
             if old.revision > entry.revision:  # a slower answer about an older write
                 return
             self._seen_bytes -= len(old.value)
+            seen.move_to_end(key)
         seen[key] = entry
-        seen.move_to_end(key)
         self._seen_bytes += len(entry.value)
-        while len(seen) > SEEN_ENTRIES or self._seen_bytes > SEEN_BYTES:
-            self._seen_bytes -= len(seen.popitem(last=False)[1].value)
+        if len(seen) > SEEN_ENTRIES or self._seen_bytes > SEEN_BYTES:
+            while seen and (len(seen) > SEEN_ENTRIES or self._seen_bytes > SEEN_BYTES):
+                self._seen_bytes -= len(seen.popitem(last=False)[1].value)
 
-    async def _take_turn(self, key: str) -> None:
-        """Wait until no other update of ``key`` runs in this system; then it is ours until
-        ``_end_turn``. No checkpoint when nobody else updates it (the common case)."""
-        waiters = self._updating.get(key)
-        if waiters is None:
-            self._updating[key] = deque()
-            return
+    # ----- one update of a name at a time in this system -----------------------------
+
+    def try_turn(self, key: str) -> bool:
+        """Take the turn on ``key`` if no other update of it runs in this system (then it
+        is ours until ``end_turn``); False otherwise: ``wait_turn``."""
+        if key in self._updating:
+            return False
+        self._updating[key] = deque()
+        return True
+
+    async def wait_turn(self, key: str) -> None:
+        """Wait until the updates of ``key`` before this one have ended; then the turn is
+        ours until ``end_turn``."""
         turn = anyio.Event()
-        waiters.append(turn)
+        self._updating[key].append(turn)
         try:
             await turn.wait()
         except BaseException:
             if turn.is_set():  # it was handed to us as we were cancelled: pass it on
-                self._end_turn(key)
+                self.end_turn(key)
             else:
-                waiters.remove(turn)
+                self._updating[key].remove(turn)
             raise
 
-    def _end_turn(self, key: str) -> None:
+    def end_turn(self, key: str) -> None:
         waiters = self._updating[key]
         if waiters:
             waiters.popleft().set()
         else:
             del self._updating[key]
 
-    # ----- operations ----------------------------------------------------------------
+    # ----- reading -------------------------------------------------------------------
 
-    async def get(self, node_id: str, name: str, counts: StateCounts) -> Versioned | None:
-        """The value of ``name`` in ``node_id``'s state, or ``None``."""
-        key = f"{node_id}.{_check_name(name)}"
-        kv = await self._bucket()
+    async def read(self, node_id: str, name: str, counts: StateCounts) -> Versioned | None:
+        """The value of ``name`` in ``node_id``'s state, or ``None`` (``get``)."""
+        key = self.key(node_id, name)
+        kv = self.bucket() or await self.open()
         entry = await kv.get(key)
         counts.state_reads += 1
-        self._remember(key, entry)
-        return self._versioned(entry)
-
-    async def put(
-        self, node_id: str, name: str, value: Any, expect: int | None, counts: StateCounts
-    ) -> int:
-        """Write ``value`` (conditionally with ``expect``); returns its revision."""
-        key = f"{node_id}.{_check_name(name)}"
-        _check_expect(expect)
-        data = self._encode(node_id, name, value)
-        kv = await self._bucket()
-        try:
-            revision = await kv.put(key, data, expect=expect)
-        except RevisionMismatch as mismatch:
-            counts.state_conflicts += 1
-            self._remember(key, mismatch.current)
-            raise self._conflict(node_id, name, mismatch) from None
-        except PayloadTooLargeError as exc:
-            raise PayloadTooLargeError(f"state {name!r} of node {node_id!r}: {exc}") from None
-        counts.state_writes += 1
-        self._remember(key, Entry(data, revision))
-        return revision
-
-    async def delete(
-        self, node_id: str, name: str, expect: int | None, counts: StateCounts
-    ) -> None:
-        """Delete ``name`` (conditionally with ``expect``)."""
-        key = f"{node_id}.{_check_name(name)}"
-        _check_expect(expect)
-        kv = await self._bucket()
-        try:
-            await kv.delete(key, expect=expect)
-        except RevisionMismatch as mismatch:
-            counts.state_conflicts += 1
-            self._remember(key, mismatch.current)
-            raise self._conflict(node_id, name, mismatch) from None
-        counts.state_writes += 1
-        self._remember(key, None)
-
-    async def update(
-        self,
-        node_id: str,
-        name: str,
-        fn: Callable[[Any], Any],
-        attempts: int,
-        counts: StateCounts,
-    ) -> Versioned:
-        """Read, apply ``fn``, compare-and-set; retry on conflict (see ``NodeState.update``)."""
-        key = f"{node_id}.{_check_name(name)}"
-        if type(attempts) is not int or attempts < 1:
-            raise ValueError(f"attempts must be an int of at least 1, not {attempts!r}")
-        if not callable(fn):
-            raise TypeError(f"update needs a function of the current value, not {fn!r}")
-        kv = await self._bucket()
-        await self._take_turn(key)
-        try:
-            base = self._seen.get(key)
-            if base is None:
-                base = await kv.get(key)
-                counts.state_reads += 1
-            for attempt in range(1, attempts + 1):
-                new = fn(None if base is None else self._decoder.decode(base.value))
-                if inspect.isawaitable(new):
-                    new = await new
-                data = self._encode(node_id, name, new)
-                expect = 0 if base is None else base.revision
-                try:
-                    revision = await kv.put(key, data, expect=expect)
-                except RevisionMismatch as mismatch:
-                    counts.state_conflicts += 1
-                    base = mismatch.current
-                    self._remember(key, base)
-                    if attempt == attempts:
-                        raise self._conflict(node_id, name, mismatch) from None
-                    if attempt > 1:  # contended: wait, then read it again (fresher)
-                        ceiling = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (attempt - 2))
-                        await anyio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
-                        base = await kv.get(key)
-                        counts.state_reads += 1
-                    continue
-                except PayloadTooLargeError as exc:
-                    raise PayloadTooLargeError(
-                        f"state {name!r} of node {node_id!r}: {exc}"
-                    ) from None
-                counts.state_writes += 1
-                entry = Entry(data, revision)
-                self._remember(key, entry)
-                return Versioned(self._decoder.decode(data), revision)
-        finally:
-            self._end_turn(key)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        versioned = self.versioned(entry)  # decoded (depth-checked) before it is remembered
+        self.remember(key, entry)
+        return versioned
 
 
 class StateView:
@@ -340,7 +279,7 @@ class StateView:
         the system's codec cannot decode, ``TransportError`` when the transport has no
         key-value buckets or fails, ``SystemStoppedError`` when the system is not running.
         """
-        return await self._store.get(self._node_id, name, self._counts)
+        return await self._store.read(self._node_id, name, self._counts)
 
 
 class NodeState:
@@ -370,7 +309,7 @@ class NodeState:
         the system's codec cannot decode, ``TransportError`` when the transport has no
         key-value buckets or fails, ``SystemStoppedError`` when the system is not running.
         """
-        return await self._store.get(self._node_id, name, self._counts)
+        return await self._store.read(self._node_id, name, self._counts)
 
     async def put(self, name: str, value: Any, *, expect: int | None = None) -> int:
         """Write ``value`` under ``name`` and return its new revision.
@@ -385,13 +324,38 @@ class NodeState:
         ``InvalidIdError`` for a malformed name, ``ValueError`` for a negative ``expect``,
         and ``TransportError`` as ``get`` does. Nothing is written when it raises.
         """
-        return await self._store.put(self._node_id, name, value, expect, self._counts)
+        store = self._store
+        node_id = self._node_id
+        key = store.key(node_id, name)
+        _check_expect(expect)
+        data = store.encode(node_id, name, value)
+        kv = store.bucket() or await store.open()
+        try:
+            revision = await kv.put(key, data, expect=expect)
+        except RevisionMismatch as mismatch:
+            self._counts.state_conflicts += 1
+            raise store.conflict(node_id, name, mismatch) from None
+        except PayloadTooLargeError as exc:
+            raise PayloadTooLargeError(f"state {name!r} of node {node_id!r}: {exc}") from None
+        self._counts.state_writes += 1
+        store.remember(key, Entry(data, revision))
+        return revision
 
     async def delete(self, name: str, *, expect: int | None = None) -> None:
         """Delete ``name``. A missing name is left as it is, unless ``expect`` is given:
         then the delete happens only if ``expect`` matches (``0``: the name must not exist;
         ``rev``: its current revision), else ``StateConflict``. Raises as ``put`` does."""
-        await self._store.delete(self._node_id, name, expect, self._counts)
+        store = self._store
+        key = store.key(self._node_id, name)
+        _check_expect(expect)
+        kv = store.bucket() or await store.open()
+        try:
+            await kv.delete(key, expect=expect)
+        except RevisionMismatch as mismatch:
+            self._counts.state_conflicts += 1
+            raise store.conflict(self._node_id, name, mismatch) from None
+        self._counts.state_writes += 1
+        store.remember(key, None)
 
     async def update(
         self, name: str, fn: Callable[[Any], Any | Awaitable[Any]], *, attempts: int = 5
@@ -409,4 +373,51 @@ class NodeState:
         processes update all the time (give it more ``attempts``, or send its updates to
         one place), ``ValueError`` for ``attempts`` below 1, and what ``put`` raises.
         """
-        return await self._store.update(self._node_id, name, fn, attempts, self._counts)
+        store = self._store
+        node_id = self._node_id
+        counts = self._counts
+        key = store.key(node_id, name)
+        if type(attempts) is not int or attempts < 1:
+            raise ValueError(f"attempts must be an int of at least 1, not {attempts!r}")
+        if not callable(fn):
+            raise TypeError(f"update needs a function of the current value, not {fn!r}")
+        kv = store.bucket() or await store.open()
+        if not store.try_turn(key):
+            await store.wait_turn(key)
+        try:
+            base = store.seen(key)  # remembered entries were decoded once already
+            value = None if base is None else store.decode_own(base.value)
+            if base is None:
+                base = await kv.get(key)
+                counts.state_reads += 1
+                value = store.decode(base.value) if base is not None else None
+            for attempt in range(1, attempts + 1):
+                new = fn(value)
+                if hasattr(type(new), "__await__"):
+                    new = await new
+                data = store.encode(node_id, name, new)
+                try:
+                    revision = await kv.put(key, data, expect=0 if base is None else base.revision)
+                except RevisionMismatch as mismatch:
+                    counts.state_conflicts += 1
+                    if attempt == attempts:
+                        raise store.conflict(node_id, name, mismatch) from None
+                    base = mismatch.current
+                    if attempt > 1:  # contended: wait, then read it again (fresher)
+                        ceiling = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** (attempt - 2))
+                        await anyio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
+                        base = await kv.get(key)
+                        counts.state_reads += 1
+                    value = store.decode(base.value) if base is not None else None
+                    store.remember(key, base)
+                    continue
+                except PayloadTooLargeError as exc:
+                    raise PayloadTooLargeError(
+                        f"state {name!r} of node {node_id!r}: {exc}"
+                    ) from None
+                counts.state_writes += 1
+                store.remember(key, Entry(data, revision))
+                return Versioned(store.decode_own(data), revision)
+        finally:
+            store.end_turn(key)
+        raise AssertionError("unreachable: the last attempt returns or raises")
