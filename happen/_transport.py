@@ -12,6 +12,7 @@ consumers, :class:`LogConsumer`, one :class:`Delivery` at a time) and key-value 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
@@ -511,15 +512,20 @@ def escape_key(key: str) -> str:
     ``MAX_ESCAPED_KEY`` characters once escaped."""
     if not isinstance(key, str) or not key:
         raise TransportError(f"invalid key {key!r}: a key is a non-empty string")
-    # Each UTF-8 byte as the latin-1 character of the same value, so a regex finds them.
-    raw = key.encode("utf-8", "surrogatepass").decode("latin-1")
-    escaped = _KEY_UNSAFE.sub(_escape_byte, raw)
+    escaped = _escaped(key)
     if len(escaped) > MAX_ESCAPED_KEY:
         raise TransportError(
             f"key of {len(key)} characters is too long: {len(escaped)} once escaped, "
             f"over {MAX_ESCAPED_KEY}"
         )
     return escaped
+
+
+# Keys repeat (every operation on a name escapes it): remember the recent ones.
+@functools.lru_cache(maxsize=4096)
+def _escaped(key: str) -> str:
+    # Each UTF-8 byte as the latin-1 character of the same value, so a regex finds them.
+    return _KEY_UNSAFE.sub(_escape_byte, key.encode("utf-8", "surrogatepass").decode("latin-1"))
 
 
 def _escape_byte(match: re.Match[str]) -> str:
