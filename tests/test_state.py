@@ -291,6 +291,56 @@ async def test_counters_are_exact(transport_url: str) -> None:
         assert stats.accepted == 0, "state operations are not events"
 
 
+async def test_updates_of_one_name_take_turns_and_a_cancelled_one_gives_its_turn_on(
+    transport_url: str,
+) -> None:
+    async with make_system(transport_url) as system:
+        state = system.create_node("n").state
+        release = anyio.Event()
+        order: list[str] = []
+
+        async def first(value: Any) -> str:
+            order.append("first runs")
+            await release.wait()
+            return "first"
+
+        def later(label: str) -> Callable[[Any], str]:
+            def apply(value: Any) -> str:
+                order.append(f"{label} saw {value}")
+                return label
+
+            return apply
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(state.update, "k", first)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.CancelScope() as waiting:  # waits for its turn, then gives up
+                waiting.cancel()
+                await state.update("k", later("cancelled"))
+            tg.start_soon(state.update, "k", later("second"))
+            await anyio.wait_all_tasks_blocked()
+            assert order == ["first runs"], "the second waits for the first"
+            release.set()
+        assert order == ["first runs", "second saw first"]
+        got = await state.get("k")
+        assert got is not None and got.value == "second"
+        assert system.stats()["n"].state_conflicts == 0, "turns, not collisions"
+
+
+async def test_a_state_operation_lets_other_tasks_run(transport_url: str) -> None:
+    async with make_system(transport_url) as system:
+        state = system.create_node("n").state
+        ran = anyio.Event()
+
+        async def other() -> None:
+            ran.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            await state.put("k", 1)  # a round trip, in memory too: the other task runs
+            assert ran.is_set()
+
+
 async def test_update_after_another_process_wrote_retries_with_its_value(
     make_transport: Callable[[], Transport],
 ) -> None:
@@ -482,3 +532,57 @@ async def test_on_nats_state_is_one_kv_bucket_per_namespace(nats_server: NatsSer
             assert info.config.max_msgs_per_subject == 1, "one revision kept per name"
     finally:
         await client.close()
+
+
+def state_grants(namespace: str) -> str:
+    """The nats-server users docs/keys-and-state.md describes: ``writer`` may use its nodes'
+    state (and create the bucket), ``reader`` may only read it; both get the namespace's core
+    subjects and any inbox, so only the JetStream grants are under test."""
+    bucket = f"happen_{namespace}_state"
+    core = [f"{namespace}.>", "_INBOX.>"]
+    read = [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
+    write = [*read, f"$JS.API.STREAM.CREATE.KV_{bucket}", f"$KV.{bucket}.>"]
+
+    def user(name: str, publish: list[str]) -> str:
+        allow = ", ".join(f'"{subject}"' for subject in [*core, *publish])
+        subscribe = ", ".join(f'"{subject}"' for subject in core)
+        return (
+            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
+            f"        publish: {{ allow: [{allow}] }}\n"
+            f"        subscribe: {{ allow: [{subscribe}] }}\n"
+            "    } }\n"
+        )
+
+    return (
+        "authorization {\n  users = [\n" + user("writer", write) + user("reader", read) + "  ]\n}\n"
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_documented_state_grants_are_enough(tmp_path: Path) -> None:
+    from happen.transports.nats import NatsTransport
+
+    namespace = unique_namespace()
+    config = tmp_path / "auth.conf"
+    config.write_text(state_grants(namespace))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+
+        def as_user(name: str) -> NatsTransport:
+            # a request the server refuses goes unanswered: fail after a short wait
+            return NatsTransport(server.url, user=name, password="secret", jetstream_timeout=0.5)
+
+        async with (
+            happen.System(transport=as_user("writer"), namespace=namespace) as writing,
+            happen.System(transport=as_user("reader"), namespace=namespace) as reading,
+        ):
+            owner = writing.create_node("owner")
+            revision = await owner.state.put("k", 1, expect=0)  # creates the bucket
+            updated = await owner.state.update("k", lambda n: n + 1)
+            await owner.state.delete("k", expect=updated.revision)
+            await owner.state.put("k", 3)
+
+            reader = reading.create_node("reader")
+            got = await reader.view("owner").get("k")
+            assert got is not None and got.value == 3 and got.revision > revision
+            with pytest.raises(happen.TransportError):  # and nothing more
+                await reader.state.put("mine", 1)
