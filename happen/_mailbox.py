@@ -33,8 +33,9 @@ class NodeStats(msgspec.Struct, frozen=True):
     ``completed + failed`` equals ``accepted`` once the node is idle.
 
     Node state (``node.state``, and views this node made with ``node.view``):
-    ``state_reads`` counts reads of the state bucket (each ``get``, and the read an
-    ``update`` makes when this system has no recent revision of the name);
+    ``state_reads`` counts reads of the state bucket (each ``get``, and each read an
+    ``update`` makes: none when this system wrote or read the name recently, one more after
+    each wait between its attempts);
     ``state_writes`` counts ``put``, ``delete`` and ``update`` calls that succeeded;
     ``state_conflicts`` counts compare-and-sets that were refused (each ``StateConflict``
     raised, and each refused attempt an ``update`` retried).
