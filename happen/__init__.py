@@ -16,6 +16,7 @@ from happen._errors import (
     SendTimeout,
     SystemStoppedError,
     TransportError,
+    ValidationError,
 )
 from happen._events import CausalContext, Event
 from happen._mailbox import NodeStats
@@ -58,6 +59,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "TransportListener",
+    "ValidationError",
     "Versioned",
 ]
 

@@ -8,16 +8,23 @@ so the producer is never more than one window ahead of the reader.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic
 
 import anyio
 import msgspec
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:  # a TypeVar default (PEP 696): a bare ``happen.Stream`` means ``Stream[Any]``
+    from typing_extensions import TypeVar
+
 from happen import _wire as p
 from happen._broadcast import LocalBroadcastStreams
+from happen._codec import path_of
 from happen._errors import (
     CodecError,
     HandlerError,
@@ -28,6 +35,7 @@ from happen._errors import (
     SendTimeout,
     SystemStoppedError,
     TransportError,
+    ValidationError,
 )
 from happen._events import Event, IdGenerator, new_context
 from happen._ids import validate_event_type, validate_node_id
@@ -40,6 +48,8 @@ from happen._signal import Signal
 __all__ = ["Call", "Caller", "Stream", "WatchedStream"]
 
 _FINAL = (p.Result, p.Failure, p.StreamEnd)
+
+T = TypeVar("T", default=Any)
 
 
 def failure_to_error(frame: p.Failure, target: str, event_type: str | None = None) -> HappenError:
@@ -67,8 +77,32 @@ def failure_to_error(frame: p.Failure, target: str, event_type: str | None = Non
     if code == p.TIMEOUT:
         return SendTimeout(frame.message or f"node {target!r} timed out")
     if code == p.BAD_REQUEST:
+        if frame.error_type == "ValidationError":  # a typed handler refused the payload
+            return ValidationError(frame.message, path=path_of(frame.message), node_id=target)
         return CodecError(f"node {target!r} refused the request as malformed: {frame.message}")
     return TransportError(frame.message or f"node {target!r} failed the call ({code})")
+
+
+async def typed_result(
+    convert: Callable[[Any], Any], value: Any, target: str, event_type: str
+) -> Any:
+    """A call's result converted to the caller's ``result_type``; a stream is refused (and
+    closed), as it is not a result of that type."""
+    if isinstance(value, Stream):
+        await value.aclose()
+        raise ValidationError(
+            f"node {target!r} answered {event_type!r} with a stream, not a result of the "
+            "result_type asked for: use node.stream(..., item_type=...)",
+            node_id=target,
+        )
+    try:
+        return convert(value)
+    except ValidationError as exc:
+        raise ValidationError(
+            f"the result of {event_type!r} from node {target!r} {exc}",
+            path=exc.path,
+            node_id=target,
+        ) from None
 
 
 class Call:
@@ -151,12 +185,14 @@ class Call:
         return self._frames.popleft()
 
 
-class Stream:
+class Stream(Generic[T]):
     """A streamed reply: an async iterator and an async context manager.
 
     ``async for item in stream`` yields the producer's items; leaving ``async with`` or
     calling ``aclose()`` early cancels the producer (its ``finally`` blocks run). A failure
-    of the producer raises ``HandlerError`` after the items that came before it.
+    of the producer raises ``HandlerError`` after the items that came before it. A
+    ``Stream[T]`` (``node.stream(..., item_type=T)``) converts every item to ``T``: one that
+    does not fit raises ``ValidationError`` and closes the stream.
     """
 
     def __init__(
@@ -166,8 +202,10 @@ class Stream:
         window: int,
         timeout: float | None,
         opener: Callable[[], Awaitable[Any]] | None = None,
+        convert: Callable[[Any], T] | None = None,
     ) -> None:
         self._call = call
+        self._convert = convert
         self._window = window
         self._grant_at = max(1, window // 2)
         self._timeout = timeout
@@ -195,7 +233,7 @@ class Stream:
         if isinstance(first, p.Result):
             self._single = [first.value]
 
-    async def __aenter__(self) -> Stream:
+    async def __aenter__(self) -> Stream[T]:
         await self._open()
         return self
 
@@ -207,15 +245,15 @@ class Stream:
     ) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> Stream:
+    def __aiter__(self) -> Stream[T]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
         if self._opener is not None:
             await self._open()
         if self._single is not None:
             if self._single:
-                return self._single.pop()
+                return await self._typed(self._single.pop())
             await self.aclose()
             raise StopAsyncIteration
         if self._batch:
@@ -248,14 +286,14 @@ class Stream:
             raise StopAsyncIteration
         if kind is p.Result:  # a non-generator handler answering a stream request
             self._single = []
-            return frame.value
+            return await self._typed(frame.value)
         if kind is p.Failure:
             raise failure_to_error(frame, call.target)
         if isinstance(frame, BaseException):
             raise frame
         raise TransportError(f"unexpected {kind.__name__} frame in a stream from {call.target!r}")
 
-    async def _count(self, item: Any) -> Any:
+    async def _count(self, item: Any) -> T:
         """One more item read: grant credit back every half window."""
         self._consumed += 1
         if self._consumed - self._granted >= self._grant_at:
@@ -264,7 +302,24 @@ class Stream:
                 n = self._consumed - self._granted
                 self._granted = self._consumed
                 await self._call.caller.wire.publish(control, p.Credit(n))
-        return item
+        if self._convert is None:
+            return item  # type: ignore[no-any-return]  # an untyped stream: T is Any
+        return await self._typed(item)
+
+    async def _typed(self, item: Any) -> T:
+        """``item`` converted to the stream's item type; one that does not fit closes it."""
+        convert = self._convert
+        if convert is None:
+            return item  # type: ignore[no-any-return]
+        try:
+            return convert(item)
+        except ValidationError as exc:
+            await self.aclose()
+            raise ValidationError(
+                f"an item of the stream from node {self.target!r} {exc}",
+                path=exc.path,
+                node_id=self.target,
+            ) from None
 
     def _finish(self) -> None:
         if not self._closed:
@@ -282,7 +337,7 @@ class Stream:
             await call.caller.abandon(call)
 
 
-class WatchedStream(Stream):
+class WatchedStream(Stream[T]):
     """A ``Stream`` of an observed call: its ``CallWatch`` is told when the stream ends,
     fails or is closed."""
 
@@ -294,8 +349,9 @@ class WatchedStream(Stream):
         timeout: float | None,
         watch: CallWatch,
         opener: Callable[[], Awaitable[Any]] | None = None,
+        convert: Callable[[Any], T] | None = None,
     ) -> None:
-        super().__init__(call, window=window, timeout=timeout, opener=opener)
+        super().__init__(call, window=window, timeout=timeout, opener=opener, convert=convert)
         self._watch: CallWatch | None = watch
         self._reading = False
 
@@ -304,14 +360,14 @@ class WatchedStream(Stream):
         if watch is not None:
             watch.ended(error)
 
-    async def __aenter__(self) -> Stream:
+    async def __aenter__(self) -> Stream[T]:
         try:
             return await super().__aenter__()
         except BaseException as exc:
             self._settle(exc)
             raise
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
         self._reading = True  # a failure closes the stream first: the watch gets the error
         try:
             return await super().__anext__()
@@ -437,11 +493,18 @@ class Caller:
         return frame, self.wire.encode(frame)
 
     async def send(
-        self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
+        self,
+        sender: str,
+        target: Any,
+        event: Any,
+        timeout: float | None,
+        priority: int,
+        convert: Callable[[Any], Any] | None = None,
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
+        result: Any
         if self.observer is not None:
-            return await self._send_watched(
+            result = await self._send_watched(
                 self.observer.call_started("send", sender, target_id, event_type),
                 sender,
                 target_id,
@@ -450,12 +513,19 @@ class Caller:
                 timeout,
                 priority,
             )
-        frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
-        call = Call(self, target_id)
-        first = await self._open_within(timeout, call, frame, data)
-        if type(first) is p.Result:
-            return first.value
-        return Stream(call, window=self.window, timeout=timeout)
+        else:
+            frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
+            call = Call(self, target_id)
+            first = await self._open_within(timeout, call, frame, data)
+            if type(first) is p.Result:
+                if convert is None:
+                    return first.value
+                result = first.value
+            else:
+                result = Stream(call, window=self.window, timeout=timeout)
+        if convert is None:
+            return result
+        return await typed_result(convert, result, target_id, event_type)
 
     async def _send_watched(
         self,
@@ -482,8 +552,14 @@ class Caller:
         return WatchedStream(call, window=self.window, timeout=timeout, watch=watch)
 
     def stream(
-        self, sender: str, target: Any, event: Any, timeout: float | None, priority: int
-    ) -> Stream:
+        self,
+        sender: str,
+        target: Any,
+        event: Any,
+        timeout: float | None,
+        priority: int,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> Stream[Any]:
         target_id, event_type, payload = self.prepare(target, event)
         watch = None
         if self.observer is not None:
@@ -502,9 +578,14 @@ class Caller:
 
         if watch is not None:
             return WatchedStream(
-                call, window=self.window, timeout=timeout, watch=watch, opener=opener
+                call,
+                window=self.window,
+                timeout=timeout,
+                watch=watch,
+                opener=opener,
+                convert=convert,
             )
-        return Stream(call, window=self.window, timeout=timeout, opener=opener)
+        return Stream(call, window=self.window, timeout=timeout, opener=opener, convert=convert)
 
     async def _open_within(
         self, timeout: float | None, call: Call, frame: p.Request, data: bytes

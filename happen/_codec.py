@@ -19,9 +19,9 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from happen._errors import CodecError, InvalidConfigError
+from happen._errors import CodecError, InvalidConfigError, ValidationError
 
-__all__ = ["Codec", "make_codec"]
+__all__ = ["Codec", "Converter", "make_codec", "path_of"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,7 @@ class Codec:
         self.name = name
         self.max_depth = max_depth
         self._json = name == "json"
+        self._converters: dict[Any, Converter[Any]] = {}
         if name == "msgpack":
             self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
                 msgspec.msgpack.Encoder()
@@ -84,6 +85,21 @@ class Codec:
         """A reusable decoder for ``type``, guarded by the depth scan."""
         return Decoder(self, type)
 
+    def converter(self, type: Any) -> Converter[Any]:
+        """A converter of decoded values to ``type``, made once per type (``TypeError`` if
+        msgspec cannot convert to it)."""
+        try:
+            return self._converters[type]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable type (Annotated with unhashable metadata)
+            return Converter(type, str_keys=self._json)
+        converter: Converter[Any] = Converter(type, str_keys=self._json)
+        if len(self._converters) >= 1024:
+            self._converters.clear()
+        self._converters[type] = converter
+        return converter
+
 
 class Decoder(Generic[T]):
     """Decodes bytes into one frame type after checking nesting depth."""
@@ -108,6 +124,61 @@ class Decoder(Generic[T]):
             raise CodecError(f"malformed message: {exc}") from None
         except (msgspec.DecodeError, RecursionError) as exc:
             raise CodecError(f"undecodable {self._codec.name} message: {exc}") from None
+
+
+_QUALIFIED = re.compile(r"\b[\w.]+\.(\w+)")  # module.Name -> Name
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def path_of(message: str) -> str:
+    """The path msgspec names at the end of a validation message (``"$"`` when none)."""
+    found = _PATH.search(message)
+    return found.group(1) if found else "$"
+
+
+def type_name(target: Any) -> str:
+    """How a message names a type: ``Order``, ``list[Item]``."""
+    if isinstance(target, type):
+        return target.__qualname__
+    return _QUALIFIED.sub(r"\1", repr(target))
+
+
+class Converter(Generic[T]):
+    """Converts decoded values to one type with ``msgspec.convert``, strict as msgspec is by
+    default. Dict keys may be strings standing for other types with the JSON codec, whose
+    keys are always strings; otherwise nothing is coerced.
+    """
+
+    __slots__ = ("_str_keys", "name", "type")
+
+    def __init__(self, target: Any, *, str_keys: bool) -> None:
+        try:
+            info = msgspec.inspect.type_info(target)
+        except Exception as exc:  # unsupported types, unresolvable annotations
+            raise TypeError(f"msgspec cannot convert values to {target!r}: {exc}") from None
+        if isinstance(info, msgspec.inspect.CustomType):
+            raise TypeError(
+                f"msgspec cannot build a {type_name(target)} from decoded data: use a "
+                "msgspec Struct, a dataclass, a TypedDict or another type msgspec supports"
+            )
+        self.type = target
+        self.name = type_name(target)
+        self._str_keys = str_keys
+
+    def __call__(self, value: Any) -> T:
+        """``value`` as this type; ``ValidationError`` naming the field that does not fit."""
+        try:
+            result: T = msgspec.convert(value, self.type, str_keys=self._str_keys)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            raise ValidationError(
+                f"does not fit {self.name}: {message}", path=path_of(message)
+            ) from None
+        except Exception as exc:  # a __post_init__ raising something else refuses it too
+            raise ValidationError(
+                f"does not fit {self.name}: {type(exc).__name__}: {exc}"
+            ) from None
+        return result
 
 
 def make_codec(name: object, max_depth: object) -> Codec:

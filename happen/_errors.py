@@ -16,6 +16,7 @@ __all__ = [
     "SendTimeout",
     "SystemStoppedError",
     "TransportError",
+    "ValidationError",
 ]
 
 
@@ -119,6 +120,24 @@ class CodecError(HappenError, ValueError):
     """A value could not be encoded, or bytes could not be decoded."""
 
     __module__ = "happen"
+
+
+class ValidationError(CodecError):
+    """A value does not fit the type it must have: a payload refused by a typed handler
+    (``happen.Event[Order]``), or a result or stream item that does not fit ``result_type``
+    or ``item_type``.
+
+    ``path`` locates the field that does not fit, as msgspec writes it (``"$.items[0].qty"``;
+    ``"$"`` is the value itself); ``node_id`` names the node that refused the payload or sent
+    the value (``None`` when unknown).
+    """
+
+    __module__ = "happen"
+
+    def __init__(self, message: str, *, path: str = "$", node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.node_id = node_id
 
 
 class TransportError(HappenError):

@@ -5,11 +5,17 @@ from __future__ import annotations
 import contextvars
 import itertools
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Generic
 
 import msgspec
+
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:  # a TypeVar default (PEP 696): a bare ``happen.Event`` means ``Event[Any]``
+    from typing_extensions import TypeVar
 
 __all__ = ["CausalContext", "Event", "current_event", "external_context", "new_context"]
 
@@ -20,6 +26,8 @@ PATH_LENGTH = 16
 #: ``hops`` stops growing here (the largest signed 64-bit int), so a forged count
 #: cannot make the sends of the handler that receives it unencodable.
 _MAX_HOPS = 2**63 - 1
+
+P = TypeVar("P", default=Any)
 
 
 class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -50,15 +58,20 @@ class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
     trace: str | None = None
 
 
-class Event(msgspec.Struct, frozen=True):
+class Event(msgspec.Struct, Generic[P], frozen=True):
     """An event: a ``type``, a ``payload`` and its causal ``context``.
+
+    Generic over the payload's type: a handler whose event parameter is annotated
+    ``happen.Event[Order]`` gets ``event.payload`` converted to ``Order`` before it runs (a
+    payload that does not fit is refused with ``ValidationError``). A bare ``happen.Event``
+    is ``Event[Any]``: the payload as decoded.
 
     In a handler of a streamed broadcast, ``stream`` is an async iterator of the items the
     broadcaster publishes; otherwise it is ``None``.
     """
 
     type: str
-    payload: Any = None
+    payload: P = None  # type: ignore[assignment]  # an event without a payload carries None
     context: CausalContext = msgspec.field(
         default_factory=lambda: CausalContext(id="", sender="", correlation_id="")
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import pickle
+import sys
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +15,7 @@ import anyio
 from happen._events import Event
 from happen._patterns import Pattern
 
-__all__ = ["Handler", "HandlerTable", "invoke"]
+__all__ = ["Handler", "HandlerTable", "check_process_handler", "invoke", "payload_type"]
 
 ASYNC, AGEN, SYNC = 0, 1, 2
 
@@ -37,15 +41,90 @@ def classify(fn: Callable[..., Any]) -> int:
     return SYNC
 
 
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
+
+
+def payload_type(fn: Callable[..., Any]) -> Any:
+    """``T`` when the handler's first parameter is annotated ``happen.Event[T]``, else None
+    (no annotation, a bare ``happen.Event``, ``Event[Any]``).
+
+    String annotations (``from __future__ import annotations``) are resolved with
+    ``typing.get_type_hints``; one that names ``Event[...]`` but cannot be resolved (a type
+    defined inside a function) raises ``TypeError``.
+    """
+    target: Any = fn
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        call = getattr(fn, "__call__", None)  # noqa: B004 (a callable instance)
+        if inspect.isfunction(call) or inspect.ismethod(call):
+            target = call
+    try:
+        first = next(iter(inspect.signature(target).parameters.values()), None)
+    except (TypeError, ValueError):  # a builtin, or not callable: classify() says why
+        return None
+    if first is None or first.annotation is inspect.Parameter.empty:
+        return None
+    annotation = first.annotation
+    if isinstance(annotation, str):
+        # This one annotation, in the handler's module: the others may not resolve.
+        only = types.SimpleNamespace(__annotations__={first.name: annotation})
+        module = getattr(inspect.unwrap(target), "__globals__", None)
+        try:
+            annotation = typing.get_type_hints(only, globalns=module)[first.name]
+        except Exception as exc:
+            if "Event[" not in annotation:
+                return None  # not a typed event: the handler gets the payload as decoded
+            raise TypeError(
+                f"cannot resolve the annotation {annotation!r} of handler {_name(fn)!r} "
+                f"({type(exc).__name__}: {exc}): define its payload type at module level"
+            ) from None
+    if typing.get_origin(annotation) is not Event:
+        return None
+    (payload,) = typing.get_args(annotation)
+    return None if payload is Any else payload
+
+
+def check_process_handler(fn: Callable[..., Any]) -> None:
+    """Refuse, with ``TypeError``, a handler that cannot run in a worker process: anything
+    but a sync function (or callable) that pickles, by reference, into a process that
+    imports its module."""
+    if classify(fn) != SYNC:
+        raise TypeError(
+            f"handler {_name(fn)!r} is async: executor='process' runs plain sync functions "
+            "(CPU-bound work); register async handlers without it"
+        )
+    module = getattr(fn, "__module__", None)
+    if module == "__main__" and not hasattr(sys.modules["__main__"], "__file__"):
+        raise TypeError(
+            f"handler {_name(fn)!r} is defined in an interactive session or 'python -c', "
+            "which worker processes cannot import: define it in a module or a script file"
+        )
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"handler {_name(fn)!r} cannot be pickled for executor='process' ({exc}): "
+            "define it at the top level of a module (not a lambda, a nested function or "
+            "a closure)"
+        ) from None
+
+
 class Handler:
-    """A registered handler and the pattern it answers."""
+    """A registered handler, the pattern it answers, and the converter of its payload
+    (None unless its event parameter is annotated ``happen.Event[T]``)."""
 
-    __slots__ = ("fn", "kind", "pattern")
+    __slots__ = ("convert", "fn", "kind", "pattern")
 
-    def __init__(self, pattern: Pattern, fn: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        pattern: Pattern,
+        fn: Callable[..., Any],
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.pattern = pattern
         self.fn = fn
         self.kind = classify(fn)
+        self.convert = convert
 
 
 class HandlerTable:

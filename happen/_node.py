@@ -6,20 +6,20 @@ import heapq
 import inspect
 import logging
 from collections.abc import AsyncIterable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 
 from happen import _wire as p
 from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
-from happen._errors import CodecError, InvalidIdError
+from happen._errors import CodecError, InvalidIdError, ValidationError
 from happen._events import Event, IdGenerator, current_event, external_context
-from happen._handlers import Handler, HandlerTable, invoke
+from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
 from happen._ids import validate_event_type
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
-from happen._patterns import PatternLike, compile_pattern
+from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._state import NodeState, StateStore, StateView
@@ -31,8 +31,13 @@ log = logging.getLogger("happen")
 #: Handler failures, one record per failed execution, with the traceback.
 handler_log = logging.getLogger("happen.handlers")
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: What ``node.on`` accepts as a handler: called with the event and the flow's context dict.
+#: An ``async def`` (awaited), an ``async def`` with ``yield`` (streamed), or a plain
+#: function (run in a worker thread, or a worker process with ``executor="process"``).
+HandlerFunction = Callable[[Event[Any], dict[str, Any]], Any]
+H = TypeVar("H", bound=HandlerFunction)
 M = TypeVar("M", bound=Middleware)
+R = TypeVar("R")
 
 
 class Work:
@@ -101,6 +106,7 @@ class Node:
         self._deadline_wake: Any = None  # a signal while the watcher sleeps
         self._watching = False
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
+        self._refused_types: set[str] = set()  # broadcast types refused (logged once each)
 
     def __repr__(self) -> str:
         return f"<happen.Node {self.id!r}>"
@@ -108,14 +114,26 @@ class Node:
     # ----- handlers -----------------------------------------------------------------
 
     @overload
-    def on(self, pattern: PatternLike) -> Callable[[F], F]: ...
+    def on(
+        self, pattern: PatternLike, *, executor: Literal["process"] | None = None
+    ) -> Callable[[H], H]: ...
 
     @overload
-    def on(self, pattern: PatternLike, handler: Callable[..., Any]) -> Callable[[], None]: ...
+    def on(
+        self,
+        pattern: PatternLike,
+        handler: HandlerFunction,
+        *,
+        executor: Literal["process"] | None = None,
+    ) -> Callable[[], None]: ...
 
     def on(
-        self, pattern: PatternLike, handler: Callable[..., Any] | None = None
-    ) -> Callable[[], None] | Callable[[F], F]:
+        self,
+        pattern: PatternLike,
+        handler: HandlerFunction | None = None,
+        *,
+        executor: Literal["process"] | None = None,
+    ) -> Callable[[], None] | Callable[[H], H]:
         """Register ``handler`` for events matching ``pattern``.
 
         ``pattern`` is an exact event type, a dot-segment glob (``"order.*"``, ``"order.**"``)
@@ -124,18 +142,25 @@ class Node:
         and returns it unchanged. When several patterns match a type, the first registered
         exact pattern wins, else the first registered glob or predicate.
 
-        Raises ``InvalidIdError`` for a malformed pattern and ``TypeError`` for a handler
-        that is not callable (or is a sync generator).
+        A handler whose event parameter is annotated ``happen.Event[T]`` gets the payload
+        converted to ``T``; a payload that does not fit is refused with ``ValidationError``
+        and the handler does not run. ``executor="process"`` runs a sync handler in one of
+        the system's worker processes (CPU-bound work).
+
+        Raises ``InvalidIdError`` for a malformed pattern; ``TypeError`` for a handler that
+        is not callable or is a sync generator, a payload type msgspec cannot convert to, and
+        with ``executor="process"`` a handler that is not a sync function or cannot be
+        pickled; ``ValueError`` for an unknown ``executor``.
         """
         compiled = compile_pattern(pattern)
         if handler is None:
 
-            def decorator(fn: F) -> F:
-                self._add(Handler(compiled, fn))
+            def decorator(fn: H) -> H:
+                self._add(self._handler(compiled, fn, executor))
                 return fn
 
             return decorator
-        entry = Handler(compiled, handler)
+        entry = self._handler(compiled, handler, executor)
         self._add(entry)
 
         def unregister() -> None:
@@ -144,6 +169,16 @@ class Node:
                 self.sync_subscriptions()
 
         return unregister
+
+    def _handler(self, pattern: Pattern, fn: Callable[..., Any], executor: str | None) -> Handler:
+        if executor not in (None, "process"):
+            raise ValueError(f"executor must be 'process' or None, not {executor!r}")
+        payload = payload_type(fn)
+        convert = None if payload is None else self._wire.codec.converter(payload)
+        if executor == "process":
+            check_process_handler(fn)
+            fn = self._runtime.processes.handler(fn)
+        return Handler(pattern, fn, convert)
 
     def _add(self, handler: Handler) -> None:
         self._handlers.add(handler)
@@ -170,6 +205,7 @@ class Node:
 
     # ----- sending ------------------------------------------------------------------
 
+    @overload
     async def send(
         self,
         target: str | Node,
@@ -177,18 +213,90 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        result_type: type[R],
+    ) -> R: ...
+
+    @overload
+    async def send(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        result_type: None = None,
+    ) -> Any: ...
+
+    @overload
+    async def send(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        result_type: object,
+    ) -> object: ...
+
+    async def send(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        result_type: object = None,
     ) -> Any:
         """Send ``event`` to node ``target`` and return its handler's result.
 
         When the handler is an async generator, returns a ``Stream`` of its items.
         ``timeout`` (seconds) bounds the wait for the result (or for the stream to open,
         then for each item); ``priority`` orders queues of nodes using the priority strategy.
+        With ``result_type`` (a msgspec Struct, a dataclass, a TypedDict, ``list[Item]``...)
+        the result is converted to that type, and typed so; a type a checker cannot spell
+        as ``type[T]`` (a union) gives ``object``.
 
         Raises ``NodeNotFoundError``, ``NoHandlerError``, ``QueueFullError``,
         ``HandlerError`` (the handler raised), ``SendTimeout``, ``CodecError``,
-        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id or type.
+        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id or type;
+        ``ValidationError`` (a ``CodecError``) when the node's handler refused the payload
+        as not fitting its type, or the result does not fit ``result_type`` (or is a stream).
         """
-        return await self._caller.send(self.id, target, event, timeout, priority)
+        convert = None if result_type is None else self._wire.codec.converter(result_type)
+        return await self._caller.send(self.id, target, event, timeout, priority, convert)
+
+    @overload
+    def stream(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        item_type: type[R],
+    ) -> Stream[R]: ...
+
+    @overload
+    def stream(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        item_type: None = None,
+    ) -> Stream[Any]: ...
+
+    @overload
+    def stream(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        timeout: float | None = None,
+        priority: int = 0,
+        item_type: object,
+    ) -> Stream[object]: ...
 
     def stream(
         self,
@@ -197,14 +305,18 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
-    ) -> Stream:
+        item_type: object = None,
+    ) -> Stream[Any]:
         """Send ``event`` to ``target`` and return a ``Stream`` of the handler's items.
 
         Use as ``async with node.stream(...) as s: async for item in s: ...``; the request
         is sent when the stream is entered or first iterated. A handler that returns a
-        single value yields that one value. ``timeout`` bounds each wait for an item.
+        single value yields that one value. ``timeout`` bounds each wait for an item. With
+        ``item_type`` every item is converted to that type (``Stream[T]``); one that does not
+        fit raises ``ValidationError`` from the iteration and closes the stream.
         """
-        return self._caller.stream(self.id, target, event, timeout, priority)
+        convert = None if item_type is None else self._wire.codec.converter(item_type)
+        return self._caller.stream(self.id, target, event, timeout, priority, convert)
 
     async def broadcast(
         self, event: Event | dict[str, Any], *, stream: AsyncIterable[Any] | None = None
@@ -338,12 +450,19 @@ class Node:
                 message = f"node {self.id!r} has no handler for event type {req.type!r}"
                 await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
             return
+        payload = req.payload
+        if handler.convert is not None:
+            try:
+                payload = handler.convert(payload)
+            except ValidationError as exc:
+                await self._refuse_payload(req.type, exc, reply)
+                return
         context = req.context or external_context(self._ids)
         deadline = None
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        work = Work(Event(req.type, req.payload, context), handler, reply, window, deadline)
+        work = Work(Event(req.type, payload, context), handler, reply, window, deadline)
         if reply:
             self._inflight[reply] = work
         queued = mailbox.queued
@@ -421,18 +540,48 @@ class Node:
         if not self._runtime.accepting:
             mailbox.dropped += 1
             return
+        payload = frame.payload
+        if handler.convert is not None:
+            try:
+                payload = handler.convert(payload)
+            except ValidationError as exc:
+                self._refuse_broadcast(frame.type, exc)
+                return
         bstream = None
         if frame.stream is not None:
             bstream = BroadcastStream(self.id, frame.stream, self._caller.window * 16)
             self._bstreams[frame.stream] = (bstream, subject)
             self._broadcast_streams.add(bstream)
         context = frame.context or external_context(self._ids)
-        event = Event(frame.type, frame.payload, context, bstream)
+        event = Event(frame.type, payload, context, bstream)
         if not mailbox.offer(Work(event, handler, "", 0, None)):
             mailbox.dropped += 1
             if bstream is not None:
                 self._drop_bstream(bstream.stream_id)
                 bstream.close()
+
+    async def _refuse_payload(self, event_type: str, exc: ValidationError, reply: str) -> None:
+        """A request whose payload does not fit its handler's type: rejected, and the caller
+        is answered ``bad_request`` with ``error_type`` ``"ValidationError"``."""
+        self._mailbox.rejected += 1
+        if reply:
+            message = p.fit_message(
+                f"node {self.id!r} refused the payload of {event_type!r}, which {exc}"
+            )
+            await self._wire.reply(reply, p.Failure(p.BAD_REQUEST, message, "ValidationError"))
+
+    def _refuse_broadcast(self, event_type: str, exc: ValidationError) -> None:
+        """A broadcast copy whose payload does not fit: rejected, logged once per type."""
+        self._mailbox.rejected += 1
+        if event_type not in self._refused_types and len(self._refused_types) < 1024:
+            self._refused_types.add(event_type)
+            log.warning(
+                "node %r refused a broadcast of %r: its payload %s; further ones are counted "
+                "in rejected only",
+                self.id,
+                event_type,
+                exc,
+            )
 
     def _drop_bstream(self, stream_id: str) -> None:
         entry = self._bstreams.pop(stream_id, None)

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from happen._processes import ProcessPool
 from happen._signal import Signal, signal_factory
 
 __all__ = ["Runtime"]
@@ -27,19 +28,21 @@ _owner: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
 
 
 class Runtime:
-    """The running system's facilities: spawn tasks, make signals, run sync handlers.
+    """The running system's facilities: spawn tasks, make signals, run sync handlers (in
+    threads, or in the ``processes`` pool).
 
     ``state`` is ``"new"``, ``"running"``, ``"stopping"`` or ``"stopped"``; ``accepting`` is
     True while nodes admit new events.
     """
 
-    def __init__(self, *, worker_threads: int) -> None:
+    def __init__(self, *, worker_threads: int, process_workers: int = 1) -> None:
         self.state = "new"
         self.accepting = False
         self.cancelled: type[BaseException] = BaseException
         self.signal: Callable[[], Signal] = anyio.Event
         self.limiter: anyio.CapacityLimiter | None = None
         self._threads = worker_threads
+        self.processes = ProcessPool(process_workers)
         self._tg: TaskGroup | None = None
         self._scopes: set[anyio.CancelScope] = set()
         self._cancelling = False

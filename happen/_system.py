@@ -62,6 +62,8 @@ class System:
     - ``stream_window``: credit a stream consumer grants, in items (default 256).
     - ``stream_idle_timeout``: seconds a producer waits for credit before closing (60).
     - ``worker_threads``: how many sync handlers may run at once in threads (40).
+    - ``process_workers``: how many handlers registered with ``executor="process"`` may run
+      at once, each in a worker process (default ``os.cpu_count()``).
     - ``drain_timeout``: seconds ``stop()`` lets in-flight handlers finish (10).
 
     Use it as an async context manager; ``stop()`` may also be awaited inside the
@@ -81,6 +83,7 @@ class System:
         stream_idle_timeout: float = 60.0,
         worker_threads: int = 40,
         drain_timeout: float = 10.0,
+        process_workers: int | None = None,
     ) -> None:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
@@ -100,6 +103,11 @@ class System:
         self._idle_timeout: float = _positive("stream_idle_timeout", stream_idle_timeout, float)
         self._threads: int = _positive("worker_threads", worker_threads, int)
         self._drain_timeout: float = _positive("drain_timeout", drain_timeout, float)
+        processes: int = (
+            os.cpu_count() or 1
+            if process_workers is None
+            else _positive("process_workers", process_workers, int)
+        )
         self._transport_spec = transport
         self._transport: Transport | None = None
         self.namespace = namespace
@@ -108,7 +116,7 @@ class System:
         self._nodes: dict[str, Node] = {}
         self._mailboxes: dict[str, Mailbox[Any]] = {}
         self._listeners: dict[str, list[Mailbox[Any]]] = {}  # by broadcast event type
-        self._runtime = Runtime(worker_threads=self._threads)
+        self._runtime = Runtime(worker_threads=self._threads, process_workers=processes)
         self._wire = Wire(self._codec, namespace)
         self._broadcast_streams = LocalBroadcastStreams()
         self._middleware = MiddlewareStack()
@@ -261,6 +269,7 @@ class System:
             for node in nodes:
                 await node.fail_pending()
             await runtime.cancel_tasks()
+            runtime.processes.shutdown()
             # Replies our own nodes published to our own callers may still be in flight.
             with anyio.move_on_after(2.0):
                 await self._caller.wait_answers(self._nodes)

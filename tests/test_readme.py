@@ -22,9 +22,12 @@ def test_readme_has_programs() -> None:
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_program_runs(code: str) -> None:
+def test_readme_program_runs(code: str, tmp_path: Path) -> None:
+    # A file, not ``python -c``: the worker processes of a process handler import the script.
+    program = tmp_path / "program.py"
+    program.write_text(code)
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        [sys.executable, str(program)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
 

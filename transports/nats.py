@@ -836,8 +836,8 @@ class NatsConsumer:
                 try:
                     messages = await self._subscription.fetch(n, timeout=remaining)
                     break
-                except nats.errors.TimeoutError:  # nats-py's way to say "nothing came"
-                    return []
+                except TimeoutError:  # nats-py's way to say "nothing came" (its own
+                    return []  # TimeoutError, or asyncio's, raised bare on a busy loop)
                 except nats.js.errors.APIError as exc:
                     # e.g. the consumer was deleted: make it again, and try once more
                     self._stale = True
