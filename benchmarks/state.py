@@ -124,13 +124,12 @@ async def raw_state(config: Config, *, operation: str, workers: int) -> Sample:
 
 def scenario(operation: str, workers: int) -> Scenario:
     shape = "sequential" if workers == 1 else f"{workers} keys in parallel"
-    kwargs = {"operation": operation, "workers": workers}
     return Scenario(
         key=f"nats.state.{operation}.{'seq' if workers == 1 else workers}",
         title=f"NATS node state {operation}, {shape}",
         unit="ops/s",
-        happen=Side("happen", partial(happen_state, **kwargs)),
-        baseline=Side("nats-py KV", partial(raw_state, **kwargs)),
+        happen=Side("happen", partial(happen_state, operation=operation, workers=workers)),
+        baseline=Side("nats-py KV", partial(raw_state, operation=operation, workers=workers)),
         target=0.8,
         loops=NATS_LOOPS,
     )
