@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from happen._errors import HandlerError, QueueFullError
+from happen._errors import HandlerError, QueueFullError, SendTimeout
 
 __all__ = ["BroadcastStream"]
 
@@ -17,13 +17,16 @@ class BroadcastStream:
 
     Items wait in a buffer of at most ``limit`` items. A broadcaster in the same process
     waits for room before publishing; a remote one cannot be held, so a subscriber that
-    falls a whole buffer behind gets ``QueueFullError`` from its iteration.
+    falls a whole buffer behind gets ``QueueFullError`` from its iteration. A reader that
+    waits ``idle_timeout`` seconds for an item or the end, and gets neither (the
+    broadcaster vanished, or the stream was forged), gets ``SendTimeout``.
     """
 
-    def __init__(self, node_id: str, stream_id: str, limit: int) -> None:
+    def __init__(self, node_id: str, stream_id: str, limit: int, idle_timeout: float) -> None:
         self.node_id = node_id
         self.stream_id = stream_id
         self.limit = limit
+        self.idle_timeout = idle_timeout
         self._items: deque[Any] = deque()
         self._done = False
         self._error: BaseException | None = None
@@ -98,8 +101,16 @@ class BroadcastStream:
                     raise self._error
                 raise StopAsyncIteration
             self._wake = anyio.Event()
-            await self._wake.wait()
+            with anyio.move_on_after(self.idle_timeout) as idle:
+                await self._wake.wait()
             self._wake = None
+            if idle.cancelled_caught and not self._items:
+                self._finish(
+                    SendTimeout(
+                        f"broadcast stream {self.stream_id!r} to node {self.node_id!r}: nothing "
+                        f"arrived for {self.idle_timeout} s; the broadcaster stopped or vanished"
+                    )
+                )
         item = self._items.popleft()
         if len(self._items) < self.limit:
             self._signal_room()

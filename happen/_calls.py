@@ -3,12 +3,14 @@
 
 A ``Call`` is registered on the wire under an inbox token; the wire's inbox callback feeds it
 frames. ``Stream`` reads chunks and grants credit back to the producer as it consumes them,
-so the producer is never more than one window ahead of the reader.
+so the producer is never more than one window ahead of the reader. A call checks the
+stream's frames as they arrive: items numbered in order, none beyond the credit granted.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from types import TracebackType
@@ -106,18 +108,28 @@ async def typed_result(
 
 
 class Call:
-    """One request in flight: its inbox token, the frames received, the pressure hold."""
+    """One request in flight: its inbox token, the frames received, the pressure hold.
+
+    ``secret`` proves this system owns the call when it cancels or abandons it (the request
+    carries only its digest). For a stream, ``allowed`` is how many items the consumer has
+    granted (the window plus the credit it sent) and ``received`` how many arrived: a frame
+    out of sequence, or beyond ``allowed``, cuts the stream off with ``TransportError``.
+    """
 
     __slots__ = (
         "_frames",
         "_wake",
         "abandoned",
+        "allowed",
         "caller",
         "control",
+        "ended",
         "gate",
         "held",
         "probe",
+        "received",
         "reserved",
+        "secret",
         "target",
         "token",
         "waiting",
@@ -127,29 +139,44 @@ class Call:
         self.caller = caller
         self.target = target
         self.token = ""
+        self.secret = p.new_secret()
         self.control: str | None = None
         self.held = False
         self.gate: Any = None  # the RemoteGate this call holds, after a "hold"
         self.probe: Any = None  # the RemoteGate this call probes for
         self.abandoned = False
         self.waiting = True  # no final frame and no stream start yet
+        self.ended = False  # a final frame (or an error) is queued: nothing more is taken
         self.reserved: Any = None  # the local Mailbox this call holds a place in, in transit
+        self.allowed = caller.window
+        self.received = 0
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
-        if type(frame) is p.Hold:
+        if self.ended:
+            return  # after the end: a duplicate, or a frame of a stream cut off
+        kind = type(frame)
+        if kind is p.Chunk or kind is p.Chunks:
+            self._take_items(frame, 1 if kind is p.Chunk else len(frame.items))
+            return
+        if kind is p.Hold:
             if not self.held:
                 self.held = True
                 self.gate = self.caller.gate_for(self.target)
                 self.gate.hold()
             self._probed()
             return
-        if type(frame) is p.Ack:
+        if kind is p.Ack:
             self.release()
             return
-        if type(frame) is p.StreamStart:
+        if kind is p.StreamEnd and frame.count is not None and frame.count != self.received:
+            self._cut(self._missing(self.received, frame.count, f"the end after {frame.count}"))
+            return
+        if kind is p.StreamStart:
+            if self.control is not None:
+                return  # a second start: ignored
             self._probed()
             self.control = frame.control
             self.waiting = False
@@ -157,10 +184,59 @@ class Call:
         elif isinstance(frame, _FINAL) or isinstance(frame, BaseException):
             self.release()
             self.waiting = False
+            self.ended = True
             self.caller.answered()
         self._frames.append(frame)
         if self._wake is not None:
             self._wake.set()
+
+    def _take_items(self, frame: p.Chunk | p.Chunks, n: int) -> None:
+        """Queue a frame of ``n`` items, checking its sequence and the credit."""
+        received = self.received
+        seq = frame.seq
+        if seq is not None and seq != received:  # a producer that numbers its items
+            self._cut(self._missing(received, seq, f"item {seq}"))
+            return
+        received += n
+        if received > self.allowed:
+            self._cut(
+                TransportError(
+                    f"node {self.target!r} sent {received} items where the consumer had "
+                    f"granted {self.allowed}: a producer that ignores credit is cut off"
+                )
+            )
+            return
+        self.received = received
+        if n:  # an empty "chunks" frame carries nothing
+            self._frames.append(frame)
+            if self._wake is not None:
+                self._wake.set()
+
+    def _missing(self, expected: int, got: int, what: str) -> TransportError:
+        """The error for a frame numbered ``got`` (``what``) where item ``expected`` was due."""
+        closed = "the stream was closed and its producer cancelled"
+        if got > expected:
+            if got == expected + 1:
+                lost, them = f"item {expected}", "it"
+            else:
+                lost, them = f"items {expected}-{got - 1}", "them"
+            return TransportError(
+                f"stream from node {self.target!r} lost {lost} in transit ({what} arrived "
+                f"after {them}): {closed}"
+            )
+        return TransportError(
+            f"stream from node {self.target!r} is out of sequence: {what} arrived where item "
+            f"{expected} was due: {closed}"
+        )
+
+    def _cut(self, error: TransportError) -> None:
+        """End the stream with ``error`` after the items already queued; stop the producer."""
+        self.ended = True
+        self.waiting = False
+        self._frames.append(error)
+        if self._wake is not None:
+            self._wake.set()
+        self.caller.discard(self)
 
     def _probed(self) -> None:
         if self.probe is not None:
@@ -190,7 +266,11 @@ class Stream(Generic[T]):
 
     ``async for item in stream`` yields the producer's items; leaving ``async with`` or
     calling ``aclose()`` early cancels the producer (its ``finally`` blocks run). A failure
-    of the producer raises ``HandlerError`` after the items that came before it. A
+    of the producer raises ``HandlerError`` after the items that came before it. Items lost
+    in transit, or a producer that sends more than the credit granted, raise
+    ``TransportError`` (naming the node and the missing items) and cancel the producer:
+    items are never skipped silently. A stream dropped without being closed releases what it
+    holds when it is collected, cancels the producer, and warns with ``ResourceWarning``. A
     ``Stream[T]`` (``node.stream(..., item_type=T)``) converts every item to ``T``: one that
     does not fit raises ``ValidationError`` and closes the stream.
     """
@@ -297,11 +377,13 @@ class Stream(Generic[T]):
         """One more item read: grant credit back every half window."""
         self._consumed += 1
         if self._consumed - self._granted >= self._grant_at:
-            control = self._call.control
+            call = self._call
+            control = call.control
             if control:
                 n = self._consumed - self._granted
                 self._granted = self._consumed
-                await self._call.caller.wire.publish(control, p.Credit(n))
+                call.allowed += n
+                await call.caller.wire.publish(control, p.Credit(n))
         if self._convert is None:
             return item  # type: ignore[no-any-return]  # an untyped stream: T is Any
         return await self._typed(item)
@@ -335,6 +417,24 @@ class Stream(Generic[T]):
         call = self._call
         with anyio.CancelScope(shield=True):
             await call.caller.abandon(call)
+
+    def __del__(self) -> None:
+        # Dropped while open (neither exhausted, closed, nor left with ``async with``):
+        # release the route and the frames it buffered now, and cancel the producer in the
+        # background. Never raises: it may run anywhere the last reference goes.
+        try:
+            if self._closed or self._opener is not None:
+                return  # finished, or never opened: nothing was sent
+            call = self._call
+            if call.caller.drop(call):
+                warnings.warn(
+                    f"a happen.Stream from node {call.target!r} was not closed; use "
+                    "'async with node.stream(...)' or 'await stream.aclose()'",
+                    ResourceWarning,
+                    stacklevel=1,
+                )
+        except Exception:
+            pass
 
 
 class WatchedStream(Stream[T]):
@@ -392,6 +492,7 @@ class _RoundTrip:
     __slots__ = ("done",)
     abandoned = False
     target = "(round trip)"
+    secret = ""
 
     def __init__(self, done: Signal) -> None:
         self.done = done
@@ -474,6 +575,7 @@ class Caller:
         payload: Any,
         timeout: float | None,
         priority: int,
+        call: Call,
         trace: str | None = None,
     ) -> tuple[p.Request, bytes]:
         """The request frame and its encoding (encoded now, so bad payloads fail here)."""
@@ -488,7 +590,14 @@ class Caller:
             timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
         context = new_context(self._ids, sender, trace)
         frame = p.Request(
-            event_type, payload, context, priority, self.window, timeout_ms, self._system_id
+            event_type,
+            payload,
+            context,
+            priority,
+            self.window,
+            timeout_ms,
+            self._system_id,
+            seal=p.seal_of(call.secret),
         )
         return frame, self.wire.encode(frame)
 
@@ -514,8 +623,8 @@ class Caller:
                 priority,
             )
         else:
-            frame, data = self.request_frame(sender, event_type, payload, timeout, priority)
             call = Call(self, target_id)
+            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
             first = await self._open_within(timeout, call, frame, data)
             if type(first) is p.Result:
                 if convert is None:
@@ -538,10 +647,10 @@ class Caller:
         priority: int,
     ) -> Any:
         try:
-            frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, watch.trace
-            )
             call = Call(self, target_id)
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, call, watch.trace
+            )
             first = await self._open_within(timeout, call, frame, data)
         except BaseException as exc:
             watch.ended(exc)
@@ -564,14 +673,16 @@ class Caller:
         watch = None
         if self.observer is not None:
             watch = self.observer.call_started("stream", sender, target_id, event_type)
+        call = Call(self, target_id)
         try:
             trace = watch.trace if watch is not None else None
-            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, trace)
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, call, trace
+            )
         except BaseException as exc:
             if watch is not None:
                 watch.ended(exc)
             raise
-        call = Call(self, target_id)
 
         async def opener() -> Any:
             return await self._open_within(timeout, call, frame, data)
@@ -689,10 +800,18 @@ class Caller:
                 await self._broadcast_streams.wait_room(stream_id)
                 self.check_running()
                 await wire.publish(subject, p.BroadcastItem(stream_id, item))
-        except Exception as exc:
-            with anyio.CancelScope(shield=True):
+        except BaseException as exc:
+            # The source failed, or this call was cancelled: either way the subscribers'
+            # streams end now, rather than wait out their idle bound.
+            if isinstance(exc, Exception):
                 error = f"{type(exc).__name__}: {p.describe(exc)}"
-                await wire.publish(subject, p.BroadcastEnd(stream_id, error))
+            else:
+                error = "Cancelled: the broadcaster was cancelled before the end of the stream"
+            with anyio.CancelScope(shield=True):
+                try:
+                    await wire.publish(subject, p.BroadcastEnd(stream_id, error))
+                except Exception as again:
+                    p.log.debug("could not end broadcast stream %s: %s", stream_id, again)
             raise
         await wire.publish(subject, p.BroadcastEnd(stream_id))
 
@@ -731,18 +850,52 @@ class Caller:
             return
         if call.control is not None:
             wire.forget(call.token)
-            try:
-                await wire.publish(call.control, p.Cancel())
-            except Exception as exc:
-                p.log.debug("could not cancel a stream: %s", exc)
+            await self._tell(call.control, p.Cancel(call.secret))
         else:
             call.abandoned = True  # a stream that starts later is cancelled at once
-            try:
-                await wire.publish(
-                    wire.cancel_subject(call.target), p.Abandon(wire.inbox_prefix + call.token)
-                )
-            except Exception as exc:
-                p.log.debug("could not tell node %r the call was abandoned: %s", call.target, exc)
+            await self._tell(
+                wire.cancel_subject(call.target),
+                p.Abandon(wire.inbox_prefix + call.token, call.secret),
+            )
+
+    def discard(self, call: Call) -> None:
+        """Forget ``call`` now and stop its producer in the background: a stream cut off
+        for a protocol error, or dropped unclosed. Synchronous; never raises."""
+        wire = self.wire
+        reply = wire.inbox_prefix + call.token
+        self.forget(call)
+        frame: p.Cancel | p.Abandon
+        if call.control is not None:
+            subject, frame = call.control, p.Cancel(call.secret)
+        else:
+            subject, frame = wire.cancel_subject(call.target), p.Abandon(reply, call.secret)
+        try:
+            self.runtime.spawn(self._tell, subject, frame)
+        except Exception:  # the system is not running: the producer's idle bound ends it
+            p.log.debug("could not cancel the producer of a stream from %r", call.target)
+
+    def drop(self, call: Call) -> bool:
+        """A ``Stream`` was dropped unclosed: ``discard`` its call if it is still open.
+        Returns whether it was.
+
+        Garbage collection may run on another thread (a sync handler's): there only the
+        route is forgotten, and the producer's idle bound ends it.
+        """
+        if self.wire.routes.get(call.token) is not call:
+            return False
+        if self.runtime.in_loop_thread():
+            self.discard(call)
+        else:
+            self.wire.forget(call.token)
+        return True
+
+    async def _tell(self, subject: str, frame: p.Cancel | p.Abandon) -> None:
+        """Publish a cancel or an abandon; a failure is logged, not raised (the producer's
+        idle bound is the fallback)."""
+        try:
+            await self.wire.publish(subject, frame)
+        except Exception as exc:
+            p.log.debug("could not tell %s the caller is gone: %s", subject, exc)
 
     def gate_for(self, target: str) -> RemoteGate:
         gate = self._gates.get(target)

@@ -43,16 +43,33 @@ R = TypeVar("R")
 class Work:
     """An admitted event waiting for, or holding, a slot."""
 
-    __slots__ = ("abandoned", "deadline", "event", "handler", "made", "reply", "scope", "window")
+    __slots__ = (
+        "abandoned",
+        "deadline",
+        "event",
+        "handler",
+        "made",
+        "reply",
+        "scope",
+        "seal",
+        "window",
+    )
 
     def __init__(
-        self, event: Event, handler: Handler, reply: str, window: int, deadline: float | None
+        self,
+        event: Event,
+        handler: Handler,
+        reply: str,
+        window: int,
+        deadline: float | None,
+        seal: str = "",
     ) -> None:
         self.event = event
         self.handler = handler
         self.reply = reply
         self.window = window
         self.deadline = deadline
+        self.seal = seal  # the digest of the caller's secret; "" from a foreign client
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
@@ -462,7 +479,7 @@ class Node:
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        work = Work(Event(req.type, payload, context), handler, reply, window, deadline)
+        work = Work(Event(req.type, payload, context), handler, reply, window, deadline, req.seal)
         if reply:
             self._inflight[reply] = work
         queued = mailbox.queued
@@ -494,6 +511,12 @@ class Node:
         work = self._inflight.get(frame.reply)
         if work is None:
             wire.stray_frames += 1  # finished already, or another instance has it
+            return
+        if work.seal and not p.seal_matches(work.seal, frame.secret):
+            # Whoever saw the request knows its reply subject; only its caller knows the secret.
+            wire.report_violation(
+                f"node {self.id!r} cancel", "ignored an abandon without the call's secret"
+            )
             return
         work.abandoned = True
         if work.scope is not None:
@@ -549,7 +572,9 @@ class Node:
                 return
         bstream = None
         if frame.stream is not None:
-            bstream = BroadcastStream(self.id, frame.stream, self._caller.window * 16)
+            bstream = BroadcastStream(
+                self.id, frame.stream, self._caller.window * 16, self._idle_timeout
+            )
             self._bstreams[frame.stream] = (bstream, subject)
             self._broadcast_streams.add(bstream)
         context = frame.context or external_context(self._ids)

@@ -31,27 +31,75 @@ BATCH_LIMIT = 64
 
 
 class Producer:
-    """Credit from the consumer, and its cancel; fed by the system's inbox callback."""
+    """Credit from the consumer, and its cancel; fed by the system's inbox callback.
 
-    __slots__ = ("_wake", "abandoned", "cancelled", "credit", "lost", "scope", "signal", "target")
+    ``sent`` counts the items handed to the transport. A consumer can grant credit only for
+    items it has read, so credit beyond ``sent`` in all (the window aside) breaks the
+    protocol: the producer stops and ``violation`` says why. A cancel counts only with the
+    secret whose digest is ``seal`` (when the request had one); ``report`` is told of any
+    other, which is otherwise ignored.
+    """
 
-    def __init__(self, credit: int, signal: Callable[[], Signal]) -> None:
+    __slots__ = (
+        "_wake",
+        "abandoned",
+        "cancelled",
+        "credit",
+        "granted",
+        "lost",
+        "report",
+        "scope",
+        "seal",
+        "sent",
+        "signal",
+        "target",
+        "violation",
+    )
+    secret = ""  # the route protocol's field: a producer sends no cancel of its own
+
+    def __init__(
+        self,
+        credit: int,
+        signal: Callable[[], Signal],
+        *,
+        seal: str = "",
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self.signal = signal
         self.target = ""  # the route protocol's field; a producer has no target node
         self.credit = credit
+        self.granted = 0  # credit received in Credit frames, in all
+        self.sent = 0  # items handed to the transport
+        self.seal = seal
+        self.report = report
         self.cancelled = False
         self.lost = False  # cut off by the transport, not cancelled by the consumer
+        self.violation = ""  # why the consumer's frames broke the protocol, if they did
         self.abandoned = False
         self.scope: anyio.CancelScope | None = None
         self._wake: Signal | None = None
 
     def feed(self, frame: Any) -> None:
-        if type(frame) is p.Credit:
-            if frame.n > 0:
-                self.credit += frame.n
+        kind = type(frame)
+        if kind is p.Credit:
+            n = frame.n
+            if n > 0:
+                self.granted += n
+                if self.granted > self.sent:
+                    self.violation = (
+                        f"the consumer granted credit for {self.granted} items in all, but only "
+                        f"{self.sent} were sent: credit is given for items read"
+                    )
+                    self.cancel()
+                    return
+                self.credit += n
                 if self._wake is not None:
                     self._wake.set()
-        elif type(frame) is p.Cancel:
+        elif kind is p.Cancel:
+            if self.seal and not p.seal_matches(self.seal, frame.secret):
+                if self.report is not None:
+                    self.report("ignored a cancel without the stream's secret")
+                return
             self.cancel()
         elif isinstance(frame, BaseException):  # the connection was lost or the system stops
             self.lost = True
@@ -164,21 +212,26 @@ class Conversation(Protocol):
     reply: str  # the caller's inbox; "" for a broadcast (nobody to reply to)
     window: int  # the credit the caller granted up front
     abandoned: bool  # the caller gave up
+    seal: str  # the digest of the caller's secret ("" from a client that sent none)
 
 
-async def publish_items(wire: p.Wire, reply: str, items: list[Any]) -> None:
-    """One frame for the batch; split in halves if it is over the transport's limit."""
-    frame = p.Chunk(items[0]) if len(items) == 1 else p.Chunks(items)
+async def publish_items(wire: p.Wire, reply: str, items: list[Any], producer: Producer) -> None:
+    """One frame for the batch, numbered from ``producer.sent``; split in halves if it is
+    over the transport's limit."""
+    seq = producer.sent
+    frame = p.Chunk(items[0], seq) if len(items) == 1 else p.Chunks(items, seq)
+    producer.sent = seq + len(items)  # before the await: credit for them may come at once
     try:
         await wire.publish(reply, frame)
     except (PayloadTooLargeError, CodecError):
         # Too large, or one item cannot be encoded, or the batch's extra level of nesting
-        # is one too many: send the halves, down to the item that fails alone.
+        # is one too many: nothing was sent; send the halves, down to the item that fails.
+        producer.sent = seq
         if len(items) == 1:
             raise
         half = len(items) // 2
-        await publish_items(wire, reply, items[:half])
-        await publish_items(wire, reply, items[half:])
+        await publish_items(wire, reply, items[:half], producer)
+        await publish_items(wire, reply, items[half:], producer)
 
 
 async def produce(
@@ -197,13 +250,19 @@ async def produce(
     consumer vanished or read nothing for ``idle_timeout``, the system stopped).
     """
     reply = conversation.reply
-    producer = Producer(conversation.window if reply else 1 << 62, runtime.signal)
+    where = f"node {node_id!r} stream"
+    producer = Producer(
+        conversation.window if reply else 1 << 62,
+        runtime.signal,
+        seal=conversation.seal,
+        report=lambda message: wire.report_violation(f"{where} cancel", message),
+    )
     control = wire.register(producer) if reply else ""  # the inbox token
     outcome = "cancelled"  # by the consumer, unless the loop ends otherwise
 
     async def publish(items: list[Any]) -> None:
         if reply:
-            await publish_items(wire, reply, items)
+            await publish_items(wire, reply, items, producer)
 
     async def answer(frame: Any) -> None:
         if reply:
@@ -246,6 +305,11 @@ async def produce(
     if outcome == "cancelled" and producer.lost:
         mailbox.failed += 1  # the transport cut it off: the consumer cannot be told
         return
+    if producer.violation:
+        mailbox.failed += 1
+        wire.report_violation(where, f"stopped a stream: {producer.violation}")
+        await answer(p.Failure(p.BAD_REQUEST, f"{where} stopped: {producer.violation}"))
+        return
     if outcome == "idle":
         mailbox.failed += 1
         message = (
@@ -253,7 +317,7 @@ async def produce(
         )
         await answer(p.Failure(p.TIMEOUT, message))
         return
-    if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd()):
+    if outcome == "end" and reply and not await wire.reply(reply, p.StreamEnd(producer.sent)):
         mailbox.failed += 1
         return
     mailbox.completed += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -49,6 +50,7 @@ class Runtime:
         self._tasks_done: anyio.Event | None = None
         self._syncing = 0
         self._settled: anyio.Event | None = None
+        self._loop_thread: int | None = None
 
     def new_signal(self) -> Signal:
         """A one-shot event of the running backend (the cheapest kind)."""
@@ -70,6 +72,7 @@ class Runtime:
         self.limiter = anyio.CapacityLimiter(self._threads)
         self._tg = tg
         self._cancelling = False
+        self._loop_thread = threading.get_ident()
 
     def unbind(self) -> TaskGroup | None:
         tg, self._tg = self._tg, None
@@ -89,6 +92,10 @@ class Runtime:
         if tg is None:
             raise RuntimeError("the system is not running: no task can be started")
         tg.start_soon(fn, *args)
+
+    def in_loop_thread(self) -> bool:
+        """Whether this runs on the event loop's thread (not a worker thread's)."""
+        return threading.get_ident() == self._loop_thread
 
     def inside_task(self) -> bool:
         """Whether the current task is one of this system's (a handler, a worker...)."""

@@ -60,7 +60,8 @@ class System:
     - ``codec``: ``"msgpack"`` (default) or ``"json"``.
     - ``max_depth``: nesting limit of decoded messages (default 64).
     - ``stream_window``: credit a stream consumer grants, in items (default 256).
-    - ``stream_idle_timeout``: seconds a producer waits for credit before closing (60).
+    - ``stream_idle_timeout``: seconds a producer waits for credit before closing, and a
+      streamed broadcast's subscriber waits for its next item or end (60).
     - ``worker_threads``: how many sync handlers may run at once in threads (40).
     - ``process_workers``: how many handlers registered with ``executor="process"`` may run
       at once, each in a worker process (default ``os.cpu_count()``).
@@ -141,7 +142,9 @@ class System:
 
     @property
     def bad_inputs(self) -> int:
-        """Malformed frames this system received (all nodes together), refused and counted."""
+        """Malformed frames this system received (all nodes together), and frames that break
+        the protocol (a cancel without the call's secret, credit never earned): refused and
+        counted."""
         return self._wire.bad_inputs
 
     @property

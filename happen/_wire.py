@@ -12,6 +12,8 @@ node as not delivered, so that it is counted as failed.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 from typing import Any, Protocol
@@ -73,6 +75,7 @@ class Request(_Frame, tag="req"):
     timeout_ms: int | None = None
     origin: str = ""  # the sending system's id; "" for foreign clients
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
+    seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
 
 
 class Result(_Frame, tag="res"):
@@ -105,19 +108,24 @@ class StreamStart(_Frame, tag="start"):
 
 
 class Chunk(_Frame, tag="chunk"):
-    """One streamed item."""
+    """One streamed item; ``seq`` is its index in the stream, from 0."""
 
     item: Any = None
+    seq: int | None = None  # None from a producer that does not number its items
 
 
 class Chunks(_Frame, tag="chunks"):
-    """Several streamed items in order (each counts as one item against the credit)."""
+    """Several streamed items in order (each counts as one item against the credit);
+    ``seq`` is the index of the first."""
 
     items: list[Any]
+    seq: int | None = None
 
 
 class StreamEnd(_Frame, tag="end"):
-    """The stream finished (final)."""
+    """The stream finished (final) after ``count`` items."""
+
+    count: int | None = None
 
 
 class Credit(_Frame, tag="credit"):
@@ -127,16 +135,20 @@ class Credit(_Frame, tag="credit"):
 
 
 class Cancel(_Frame, tag="cancel"):
-    """The consumer is gone: stop the producer."""
+    """The consumer is gone: stop the producer. ``secret`` proves it owns the stream."""
+
+    secret: str = ""
 
 
 class Abandon(_Frame, tag="abandon"):
     """The caller of ``reply`` gave up (cancelled or timed out): cancel its handler.
 
     Published to ``{ns}.cancel.{node_id}``, which every instance of the node hears.
+    ``secret`` is the call's secret, whose digest the request carried as its ``seal``.
     """
 
     reply: str
+    secret: str = ""
 
 
 class Broadcast(_Frame, tag="bcast"):
@@ -166,6 +178,27 @@ InboxFrame = (
     Result | Failure | Hold | Ack | StreamStart | Chunk | Chunks | StreamEnd | Credit | Cancel
 )
 BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
+
+
+#: Random bytes in a call's secret, and bytes in its seal (a BLAKE2b digest of the secret).
+SECRET_BYTES = 16
+SEAL_BYTES = 12
+
+
+def new_secret() -> str:
+    """A per-call secret: only the caller knows it until it cancels or abandons the call."""
+    return os.urandom(SECRET_BYTES).hex()
+
+
+def seal_of(secret: str) -> str:
+    """The public digest of ``secret`` a request carries (hex BLAKE2b, ``SEAL_BYTES`` long)."""
+    data = secret.encode("utf-8", "replace")  # a peer's string may hold lone surrogates
+    return hashlib.blake2b(data, digest_size=SEAL_BYTES).hexdigest()
+
+
+def seal_matches(seal: str, secret: str) -> bool:
+    """Whether ``secret`` is the one ``seal`` was made from (in constant time)."""
+    return hmac.compare_digest(seal_of(secret).encode(), seal.encode("utf-8", "replace"))
 
 
 def describe(exc: BaseException) -> str:
@@ -204,6 +237,7 @@ class Route(Protocol):
 
     abandoned: bool
     target: str
+    secret: str  # what proves a cancel comes from this conversation's owner ("" if none)
 
     def feed(self, frame: Any) -> None:
         """Take a decoded frame, or an exception that ends the conversation. Never blocks."""
@@ -359,7 +393,7 @@ class Wire:
             if type(frame) is StreamStart:
                 self.routes.pop(token, None)
                 try:
-                    await self.publish(frame.control, Cancel())
+                    await self.publish(frame.control, Cancel(route.secret))
                 except Exception as exc:
                     log.debug("could not cancel a stream nobody reads: %s", exc)
             elif isinstance(frame, (Result, Failure, StreamEnd)):
@@ -373,6 +407,15 @@ class Wire:
         self.routes.clear()
         for route in routes:
             route.feed(error)
+
+    def report_violation(self, where: str, message: str) -> None:
+        """Count a well-formed frame that breaks the protocol (a cancel without the
+        conversation's secret, credit for items never sent); log the first per place."""
+        self.bad_inputs += 1
+        key = f"{where}:violation"
+        if key not in self._bad_input_logged:
+            self._bad_input_logged.add(key)
+            log.warning("%s: %s; further violations are counted only", where, message)
 
     def report_bad_input(self, where: str, exc: BaseException) -> None:
         """Count a malformed frame; log the first of each kind per place."""

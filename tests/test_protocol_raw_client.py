@@ -282,6 +282,11 @@ async def test_streamed_reply_with_credit_and_early_cancel(
         assert inbox.frames[0]["k"] == "start" and inbox.frames[0]["control"]
         assert set(inbox.kinds[1:-1]) <= {"chunk", "chunks"}
         assert inbox.items == [{"i": i} for i in range(3)]
+        # Each frame numbers its first item; the end counts them all.
+        seqs = [f["seq"] for f in inbox.frames[1:-1]]
+        sizes = [len(f["items"]) if f["k"] == "chunks" else 1 for f in inbox.frames[1:-1]]
+        assert seqs == [sum(sizes[:i]) for i in range(len(sizes))]
+        assert inbox.frames[-1] == {"k": "end", "count": 3}
 
         # A window of 2: the producer stops after 2 items until the client grants more.
         finalised = anyio.Event()
@@ -298,15 +303,15 @@ async def test_streamed_reply_with_credit_and_early_cancel(
         await nc.request(subject(served, "counter"), frame(k="req", type="no-such"), timeout=WAIT)
         assert produced == [0, 1], "the generator is not advanced past the window"
         assert len(inbox.items) == 2
-        await nc.publish(control, frame(k="credit", n=3))
-        await inbox.wait_until(lambda: len(inbox.items) >= 5)
-        assert [item["i"] for item in inbox.items] == [0, 1, 2, 3, 4]
+        await nc.publish(control, frame(k="credit", n=2))  # for the 2 items read
+        await inbox.wait_until(lambda: len(inbox.items) >= 4)
+        assert [item["i"] for item in inbox.items] == [0, 1, 2, 3]
         await nc.request(subject(served, "counter"), frame(k="req", type="no-such"), timeout=WAIT)
-        assert len(produced) == 5 and len(inbox.items) == 5
+        assert len(produced) == 4 and len(inbox.items) == 4
         await nc.publish(control, frame(k="cancel"))
         with anyio.fail_after(WAIT):
             await finalised.wait()
-        assert len(produced) == 5
+        assert len(produced) == 4
         await drained(node)
         assert "end" not in inbox.kinds and "err" not in inbox.kinds
         stats = assert_accounted(node, sent=4)  # two streams, two probes
