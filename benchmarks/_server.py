@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """``with NatsServer() as url:`` starts nats-server, waits until it accepts, stops it."""
+    """``with NatsServer() as url:`` starts nats-server (JetStream on), waits until it
+    accepts, stops it."""
 
     def __init__(self, executable: str) -> None:
         self.executable = executable
@@ -38,8 +39,9 @@ class NatsServer:
 
     def __enter__(self) -> str:
         log = Path(self._store.name) / "nats-server.log"
+        jetstream = ["-js", "-sd", str(Path(self._store.name) / "js")]  # for node state
         self._process = subprocess.Popen(
-            [self.executable, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(log)],
+            [self.executable, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(log), *jetstream],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -23,6 +23,7 @@ from happen._mailbox import NodeStats
 from happen._middleware import CallNext, Middleware
 from happen._node import Node
 from happen._observe import CallObserver, CallWatch
+from happen._state import NodeState, StateConflict, StateView, Versioned
 from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
@@ -44,10 +45,13 @@ __all__ = [
     "NoHandlerError",
     "Node",
     "NodeNotFoundError",
+    "NodeState",
     "NodeStats",
     "PayloadTooLargeError",
     "QueueFullError",
     "SendTimeout",
+    "StateConflict",
+    "StateView",
     "Stream",
     "Subscription",
     "System",
@@ -56,6 +60,7 @@ __all__ = [
     "TransportError",
     "TransportListener",
     "ValidationError",
+    "Versioned",
 ]
 
 __version__ = "0.1.0"

@@ -34,6 +34,14 @@ class NodeStats(msgspec.Struct, frozen=True):
     ``forwarded`` counts requests this instance passed on, its queue full, to a twin
     instance of the node (on another host) that had room: the twin counts them again as
     they reach it.
+
+    Node state (``node.state``, and views this node made with ``node.view``):
+    ``state_reads`` counts reads of the state bucket (each ``get``, and each read an
+    ``update`` makes: none when this system wrote or read the name recently, one more after
+    each wait between its attempts);
+    ``state_writes`` counts ``put``, ``delete`` and ``update`` calls that succeeded;
+    ``state_conflicts`` counts compare-and-sets that were refused (each ``StateConflict``
+    raised, and each refused attempt an ``update`` retried).
     """
 
     active: int
@@ -47,6 +55,9 @@ class NodeStats(msgspec.Struct, frozen=True):
     rejected: int
     dropped: int
     forwarded: int = 0
+    state_reads: int = 0
+    state_writes: int = 0
+    state_conflicts: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -94,6 +105,9 @@ class Mailbox(Generic[Item]):
         self.rejected = 0
         self.dropped = 0
         self.forwarded = 0
+        self.state_reads = 0
+        self.state_writes = 0
+        self.state_conflicts = 0
 
     def serve(
         self,
@@ -167,6 +181,9 @@ class Mailbox(Generic[Item]):
             rejected=self.rejected,
             dropped=self.dropped,
             forwarded=self.forwarded,
+            state_reads=self.state_reads,
+            state_writes=self.state_writes,
+            state_conflicts=self.state_conflicts,
         )
 
     def offer(self, item: Item, priority: int = 0) -> bool:

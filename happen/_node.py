@@ -25,6 +25,7 @@ from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._signal import Signal
+from happen._state import NodeState, StateStore, StateView
 from happen._transport import Message, Subscription, Transport
 
 __all__ = ["Node"]
@@ -167,9 +168,12 @@ class Node:
         idle_timeout: float,
         handlers_changed: Callable[[], None],
         liveness_timeout: float,
+        state: StateStore,
         middleware: MiddlewareStack | None = None,
     ) -> None:
         self.id = node_id
+        self._state_store = state
+        self._state = NodeState(state, node_id, mailbox)
         self._middleware = middleware if middleware is not None else MiddlewareStack()
         self._handlers_changed = handlers_changed
         self._system_id = system_id
@@ -428,6 +432,20 @@ class Node:
     def stats(self) -> NodeStats:
         """A snapshot of this node's flow control and counts."""
         return self._mailbox.stats()
+
+    # ----- state --------------------------------------------------------------------
+
+    @property
+    def state(self) -> NodeState:
+        """This node's state: named values shared by every instance of the node, with
+        revisions and compare-and-set (``get``, ``put``, ``delete``, ``update``)."""
+        return self._state
+
+    def view(self, node_id: str | Node) -> StateView:
+        """Read-only access to another node's state (``get`` only); its reads count in
+        this node's ``state_reads``. Raises ``InvalidIdError`` for a malformed id."""
+        target = node_id.id if isinstance(node_id, Node) else node_id
+        return StateView(self._state_store, target, self._mailbox)
 
     # ----- subscriptions ------------------------------------------------------------
 

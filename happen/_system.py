@@ -32,6 +32,7 @@ from happen._middleware import Middleware, MiddlewareStack
 from happen._node import Node
 from happen._observe import CallObserver
 from happen._runtime import Runtime
+from happen._state import StateStore
 from happen._transport import Message, Subscription, Transport
 from happen._wire import Wire
 
@@ -129,6 +130,9 @@ class System:
         self._wire = Wire(self._codec, namespace)
         self._broadcast_streams = LocalBroadcastStreams()
         self._middleware = MiddlewareStack()
+        self._state = StateStore(
+            codec=self._codec, namespace=namespace, transport=self._state_transport
+        )
         self._caller = Caller(
             wire=self._wire,
             runtime=self._runtime,
@@ -343,6 +347,7 @@ class System:
             broadcast_streams=self._broadcast_streams,
             idle_timeout=self._idle_timeout,
             handlers_changed=self._handlers_changed,
+            state=self._state,
             middleware=MiddlewareStack(self._middleware),
             liveness_timeout=self._liveness_timeout,
         )
@@ -401,6 +406,16 @@ class System:
             await self._transport.publish(msg.reply, msgspec.json.encode(report))
         except Exception as exc:  # too many nodes for one frame, or the connection is gone
             log.warning("could not answer a stats query: %s", exc)
+
+    def _state_transport(self) -> Transport:
+        """The transport node state uses: there while the system runs or drains."""
+        state = self._runtime.state
+        if self._transport is None or state not in ("running", "stopping"):
+            raise SystemStoppedError(
+                f"the system is {state}: node state needs a running system "
+                "(async with happen.System() as system: ...)"
+            )
+        return self._transport
 
     def _local_mailbox(self, node_id: str) -> Mailbox[Any] | None:
         return self._mailboxes.get(node_id)

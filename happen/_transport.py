@@ -12,6 +12,7 @@ consumers, :class:`LogConsumer`, one :class:`Delivery` at a time) and key-value 
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
@@ -155,7 +156,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 #: Bytes of ``max_payload`` a bucket keeps for its own headers: a value may be
 #: ``max_payload - KV_HEADROOM`` bytes long.
 KV_HEADROOM = 64
-_KEY_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+")
 
 
@@ -511,14 +512,24 @@ def escape_key(key: str) -> str:
     ``MAX_ESCAPED_KEY`` characters once escaped."""
     if not isinstance(key, str) or not key:
         raise TransportError(f"invalid key {key!r}: a key is a non-empty string")
-    raw = key.encode("utf-8", "surrogatepass")
-    escaped = "".join(chr(b) if b in _KEY_SAFE else f"={b:02X}" for b in raw)
+    escaped = _escaped(key)
     if len(escaped) > MAX_ESCAPED_KEY:
         raise TransportError(
             f"key of {len(key)} characters is too long: {len(escaped)} once escaped, "
             f"over {MAX_ESCAPED_KEY}"
         )
     return escaped
+
+
+# Keys repeat (every operation on a name escapes it): remember the recent ones.
+@functools.lru_cache(maxsize=4096)
+def _escaped(key: str) -> str:
+    # Each UTF-8 byte as the latin-1 character of the same value, so a regex finds them.
+    return _KEY_UNSAFE.sub(_escape_byte, key.encode("utf-8", "surrogatepass").decode("latin-1"))
+
+
+def _escape_byte(match: re.Match[str]) -> str:
+    return f"={ord(match.group()):02X}"
 
 
 def unescape_key(escaped: str) -> str:

@@ -38,6 +38,9 @@ _DESCRIPTIONS = {
     "failed": "Admitted events whose handling failed (raised, timed out, abandoned, stopped).",
     "rejected": "Events the node refused (queue full, no handler, malformed, stopping).",
     "dropped": "Broadcast copies and messages dropped (queue full, transport drops).",
+    "state_reads": "Reads of node state (get, view get, and the reads update makes).",
+    "state_writes": "Node state puts, deletes and updates that succeeded.",
+    "state_conflicts": "Node state compare-and-sets that were refused.",
 }
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from happen._errors import PayloadTooLargeError, TransportError
 from happen._transport import (
@@ -778,7 +779,11 @@ class BucketState:
 
 
 class MemoryKeyValue:
-    """A :class:`MemoryTransport`'s handle on a broker bucket (a ``KeyValue``)."""
+    """A :class:`MemoryTransport`'s handle on a broker bucket (a ``KeyValue``).
+
+    Each operation is a checkpoint, as a round trip to a server is: a cancellation comes
+    before the operation (then nothing was done), and the caller yields after it, so a loop
+    of bucket operations does not hold the event loop."""
 
     def __init__(self, transport: MemoryTransport, state: BucketState) -> None:
         self._transport = transport
@@ -794,7 +799,10 @@ class MemoryKeyValue:
 
     async def get(self, key: str) -> Entry | None:
         """The key's latest value, or ``None``."""
-        return self._state.current(self._key(key))
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        entry = self._state.current(self._key(key))
+        await anyio.lowlevel.cancel_shielded_checkpoint()
+        return entry
 
     async def put(self, key: str, value: bytes, *, expect: int | None = None) -> int:
         """Write ``value`` (conditionally with ``expect``); returns the new revision."""
@@ -806,16 +814,21 @@ class MemoryKeyValue:
                 f"value of {len(value)} bytes for key {key!r} is over the {limit} bytes a "
                 f"bucket value may take (max_payload less {KV_HEADROOM}); nothing was written"
             )
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._state.check(escaped, expect)
-        return self._state.write(escaped, bytes(value))
+        revision = self._state.write(escaped, bytes(value))
+        await anyio.lowlevel.cancel_shielded_checkpoint()
+        return revision
 
     async def delete(self, key: str, *, expect: int | None = None) -> None:
         """Delete the key (conditionally with ``expect``); a missing key stays missing."""
         escaped = self._key(key)
         check_expect(expect)
+        await anyio.lowlevel.checkpoint_if_cancelled()
         self._state.check(escaped, expect)
         if self._state.current(escaped) is not None:
             self._state.write(escaped, None)
+        await anyio.lowlevel.cancel_shielded_checkpoint()
 
 
 def from_url(url: str) -> MemoryTransport:
