@@ -116,7 +116,7 @@ class StateStore:
     """
 
     def __init__(self, *, codec: Codec, namespace: str, transport: Callable[[], Transport]) -> None:
-        self.bucket_name = f"happen_{namespace}_state"
+        self.rename(namespace)
         self._codec = codec
         self.decode = codec.decoder(object).decode
         # For bytes this system encoded itself: the codec refused them if nested too deeply.
@@ -131,6 +131,10 @@ class StateStore:
         self._seen_bytes = 0
 
     # ----- the bucket ----------------------------------------------------------------
+
+    def rename(self, namespace: str) -> None:
+        """Use the bucket of ``namespace`` (before the system starts)."""
+        self.bucket_name = f"happen_{namespace}_state"
 
     def bucket(self) -> KeyValue | None:
         """The bucket if it is open (``None``: ``open()`` it). Raises unless the system

@@ -43,6 +43,23 @@ log = logging.getLogger("happen")
 M = TypeVar("M", bound=Middleware)
 
 
+def _checked_transport(transport: object) -> Transport | str:
+    if not isinstance(transport, str) and not isinstance(transport, Transport):
+        raise InvalidConfigError(
+            f"transport must be a URL or a happen.Transport, not {type(transport).__name__}"
+        )
+    return transport
+
+
+def _checked_namespace(namespace: object) -> str:
+    try:
+        return validate_node_id(namespace)
+    except (InvalidIdError, TypeError):
+        raise InvalidConfigError(
+            f"namespace {namespace!r} must be 1-128 ASCII letters, digits, '-' or '_'"
+        ) from None
+
+
 def _positive(name: str, value: object, kind: type) -> Any:
     if type(value) not in ((int, float) if kind is float else (int,)) or not value > 0:  # type: ignore[operator]
         raise InvalidConfigError(f"{name} must be a positive {kind.__name__}, not {value!r}")
@@ -56,8 +73,11 @@ class System:
 
     - ``concurrency``: ``{"default": {...}, "patterns": {glob: {...}}}`` flow-control
       settings (see ``ConcurrencySettings``), validated here (``InvalidConfigError``).
-    - ``transport``: a ``Transport`` or a URL, ``"memory"`` (default) or ``"nats://host:4222"``.
-    - ``namespace``: prefix of every subject, isolating systems that share a NATS server.
+    - ``transport``: a ``Transport`` or a URL, ``"memory"`` (the default when left out) or
+      ``"nats://host:4222"``.
+    - ``namespace``: prefix of every subject, isolating systems that share a NATS server
+      (``"happen"`` when left out). Settings left out may be filled in before start with
+      ``apply_defaults`` (the ``happen`` command does, from its options and environment).
     - ``codec``: ``"msgpack"`` (default) or ``"json"``.
     - ``max_depth``: nesting limit of decoded messages (default 64).
     - ``stream_window``: credit a stream consumer grants, in items (default 256).
@@ -83,8 +103,8 @@ class System:
         self,
         *,
         concurrency: Mapping[str, Any] | None = None,
-        transport: Transport | str = "memory",
-        namespace: str = "happen",
+        transport: Transport | str | None = None,
+        namespace: str | None = None,
         codec: str = "msgpack",
         max_depth: int = 64,
         stream_window: int = 256,
@@ -97,16 +117,14 @@ class System:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
         )
-        try:
-            validate_node_id(namespace)
-        except InvalidIdError:
-            raise InvalidConfigError(
-                f"namespace {namespace!r} must be 1-128 ASCII letters, digits, '-' or '_'"
-            ) from None
-        if not isinstance(transport, str) and not isinstance(transport, Transport):
-            raise InvalidConfigError(
-                f"transport must be a URL or a happen.Transport, not {type(transport).__name__}"
-            )
+        #: The settings left to their defaults in code (``apply_defaults`` may fill them).
+        self._unset = {
+            name
+            for name, value in (("transport", transport), ("namespace", namespace))
+            if value is None
+        }
+        transport = _checked_transport("memory" if transport is None else transport)
+        namespace = _checked_namespace("happen" if namespace is None else namespace)
         self._codec = make_codec(codec, max_depth)
         self._window: int = _positive("stream_window", stream_window, int)
         self._idle_timeout: float = _positive("stream_idle_timeout", stream_idle_timeout, float)
@@ -154,6 +172,35 @@ class System:
 
     def __repr__(self) -> str:
         return f"<happen.System {self.namespace!r} {self._runtime.state}>"
+
+    def apply_defaults(
+        self, *, transport: Transport | str | None = None, namespace: str | None = None
+    ) -> None:
+        """Fill in the settings this system was not given when it was made: each one given
+        here replaces the built-in default (``"memory"``, ``"happen"``) unless the code that
+        made the system set it. The ``happen`` command uses this, so settings not given in
+        code come from its command line, then the environment.
+
+        Raises ``RuntimeError`` once the system has started, and ``InvalidConfigError`` for
+        a malformed setting.
+        """
+        if self._runtime.state != "new":
+            raise RuntimeError(
+                f"settings are fixed once a system starts; this one is {self._runtime.state}"
+            )
+        if transport is not None and "transport" in self._unset:
+            self._transport_spec = _checked_transport(transport)
+            self._unset.discard("transport")
+        if namespace is not None and "namespace" in self._unset:
+            self.namespace = _checked_namespace(namespace)
+            self._wire.rename(self.namespace)
+            self._state.rename(self.namespace)
+            self._unset.discard("namespace")
+
+    def settings_given(self) -> frozenset[str]:
+        """Which of ``transport`` and ``namespace`` the code that made this system set (the
+        others are defaults that ``apply_defaults`` may still fill)."""
+        return frozenset({"transport", "namespace"} - self._unset)
 
     @property
     def bad_inputs(self) -> int:

@@ -322,6 +322,11 @@ class Wire:
         self.room_decoder = codec.decoder(RoomAsk)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
+        self.rename(namespace)
+
+    def rename(self, namespace: str) -> None:
+        """Use ``namespace`` for every subject (before the system starts)."""
+        self.namespace = namespace
         self._node_prefix = f"{namespace}.node."
         self._bcast_prefix = f"{namespace}.bcast."
         self._inst_prefix = f"{namespace}.inst."

@@ -64,6 +64,10 @@ system = happen.System(
 )
 setup(system)
 
+#: A System configured in code that leaves its transport and namespace to the command.
+open_system = happen.System(concurrency={"patterns": {"svc": {"max_concurrent": 4}}})
+setup(open_system)
+
 not_an_app = 42
 
 

@@ -179,6 +179,30 @@ def test_a_system_configured_in_code_does_not_take_the_environment_and_says_so(
         assert run.wait() == 0
 
 
+def test_a_system_configured_in_code_takes_the_settings_its_code_left_out(
+    app_dir: Path, nats_server: NatsServer
+) -> None:
+    """Its transport from the environment, its namespace from the command line; its
+    concurrency stays the code's."""
+    url = nats_server.start().url
+    from_env, from_command_line = unique_namespace(), unique_namespace()
+    env = command_env(HAPPEN_TRANSPORT=url, HAPPEN_NAMESPACE=from_env)
+    args = ("run", "app:open_system", "--namespace", from_command_line)
+    with Command(*args, cwd=app_dir, env=env) as run:
+        serving(run)
+        run.stderr.wait_for(f"namespace '{from_command_line}'")
+        here = run_command(
+            "send", "svc", "echo", "1", "--namespace", from_command_line, cwd=app_dir, env=env
+        )
+        assert (here.returncode, here.stdout) == (0, "1\n"), here.stderr
+        stats = run_command(
+            "stats", "--json", "--namespace", from_command_line, cwd=app_dir, env=env
+        )
+        assert '"max_concurrent": 4' in stats.stdout.replace('":4', '": 4'), stats.stdout
+        run.signal(signal.SIGTERM)
+        assert run.wait() == 0
+
+
 def test_workers_that_cannot_reach_the_server_end_the_command_with_code_2(
     app_dir: Path,
 ) -> None:

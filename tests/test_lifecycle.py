@@ -184,3 +184,24 @@ async def test_every_system_answers_a_stats_query_with_its_nodes(
     orders = [by_system[s.id]["nodes"]["orders"] for s in (first, second)]
     assert sum(o["completed"] for o in orders) == 1
     assert all(isinstance(a["pid"], int) and a["host"] for a in answers)
+
+
+async def test_apply_defaults_fills_only_what_the_code_left_out(
+    make_transport: Callable[[], Transport],
+) -> None:
+    left_out = happen.System()
+    assert left_out.settings_given() == frozenset()
+    given = happen.System(namespace="mine")
+    assert given.settings_given() == frozenset({"namespace"})
+    ns = unique_namespace()
+    for system in (left_out, given):
+        system.create_node("n").on("x", lambda e, c: "ok")
+        system.apply_defaults(transport=make_transport(), namespace=ns)
+    assert left_out.namespace == ns and given.namespace == "mine"
+    with pytest.raises(happen.InvalidConfigError, match="namespace"):
+        happen.System().apply_defaults(namespace="not valid!")
+    async with left_out:
+        client = left_out.create_node("client")
+        assert await client.send("n", {"type": "x"}) == "ok"
+        with pytest.raises(RuntimeError, match="fixed once a system starts"):
+            left_out.apply_defaults(namespace="late")

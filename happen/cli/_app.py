@@ -90,19 +90,21 @@ class Application:
     ) -> list[str]:
         """Check the settings against the application; return notices worth a warning.
 
-        A System configured in code keeps its own transport, codec and namespace (the core
-        cannot tell a setting given in code from its default): a command-line option that
-        would change one raises ``CommandError``; an environment variable is not applied, and
-        a notice says so.
+        A System configured in code keeps the settings its code gave it: a command-line
+        option that would change one raises ``CommandError``; an environment variable is not
+        applied, and a notice says so. The transport and the namespace its code left out come
+        from the command line, then the environment (``System.apply_defaults``); the codec is
+        always the code's.
         """
         system = self.system
         if system is None:
             return []
+        given = system.settings_given()
         notices: list[str] = []
         for setting, differs in (
-            (transport, True),
+            (transport, "transport" in given),
             (codec, True),
-            (namespace, namespace.value != system.namespace),
+            (namespace, "namespace" in given and namespace.value != system.namespace),
         ):
             if setting.source is Source.COMMAND_LINE and differs:
                 raise CommandError(
@@ -120,7 +122,10 @@ class Application:
 
     def transport(self, transport: Resolved[str]) -> str | None:
         """The transport URL the application will use, or None when it is set in code."""
-        return None if self.system is not None else transport.value
+        system = self.system
+        if system is not None and "transport" in system.settings_given():
+            return None
+        return transport.value
 
     async def make_system(
         self, transport: Resolved[str], namespace: Resolved[str], codec: Resolved[str]
@@ -132,6 +137,13 @@ class Application:
         the setup function raises.
         """
         if self.system is not None:
+            try:
+                self.system.apply_defaults(
+                    transport=None if transport.source is Source.DEFAULT else transport.value,
+                    namespace=None if namespace.source is Source.DEFAULT else namespace.value,
+                )
+            except happen.HappenError as exc:
+                raise CommandError(str(exc)) from None
             return self.system
         assert self.setup is not None
         try:
