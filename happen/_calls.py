@@ -130,7 +130,6 @@ class Call:
         "probe",
         "received",
         "reserved",
-        "secret",
         "target",
         "token",
         "waiting",
@@ -139,8 +138,7 @@ class Call:
     def __init__(self, caller: Caller, target: str) -> None:
         self.caller = caller
         self.target = target
-        self.token = ""
-        self.secret = p.new_secret()
+        self.token = caller.wire.new_token()  # registered when the request is published
         self.control: str | None = None
         self.held = False
         self.gate: Any = None  # the RemoteGate this call holds, after a "hold"
@@ -154,6 +152,11 @@ class Call:
         self.heard = 0  # frames received so far (the liveness monitor watches it change)
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
+
+    @property
+    def secret(self) -> str:
+        """Proves this system owns the call when it cancels or abandons it."""
+        return self.caller.wire.secret_of(self.token)
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
@@ -737,7 +740,7 @@ class Caller:
             if gate is not None and await gate.admit(runtime.signal):
                 call.probe = gate
                 data = wire.encode(msgspec.structs.replace(frame, probe=True))
-        call.token = wire.register(call)
+        wire.register(call, call.token)
         try:
             if runtime.state != "running":
                 raise SystemStoppedError("the system stopped")

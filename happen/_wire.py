@@ -242,7 +242,7 @@ SEAL_BYTES = 12
 
 
 def new_secret() -> str:
-    """A per-call secret: only the caller knows it until it cancels or abandons the call."""
+    """A random secret (what a client without a ``Wire`` may use for its calls)."""
     return os.urandom(SECRET_BYTES).hex()
 
 
@@ -293,7 +293,10 @@ class Route(Protocol):
 
     abandoned: bool
     target: str
-    secret: str  # what proves a cancel comes from this conversation's owner ("" if none)
+
+    @property
+    def secret(self) -> str:
+        """What proves a cancel comes from this conversation's owner ("" if nothing)."""
 
     def feed(self, frame: Any) -> None:
         """Take a decoded frame, or an exception that ends the conversation. Never blocks."""
@@ -322,6 +325,7 @@ class Wire:
         self.room_decoder = codec.decoder(RoomAsk)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
+        self._secret_hash = hashlib.blake2b(key=os.urandom(16), digest_size=SECRET_BYTES)
         self.rename(namespace)
 
     def rename(self, namespace: str) -> None:
@@ -426,16 +430,30 @@ class Wire:
 
     # ----- the reply inbox ----------------------------------------------------------
 
-    def register(self, route: Route) -> str:
-        """Route the frames of a new conversation to ``route``; returns its inbox token."""
-        token = os.urandom(10).hex()  # a capability: unguessable, one per conversation
+    def new_token(self) -> str:
+        """A new inbox token: a capability, unguessable (80 random bits), one per
+        conversation."""
+        return os.urandom(10).hex()
+
+    def secret_of(self, token: str) -> str:
+        """The secret of the call whose inbox token is ``token``: a keyed BLAKE2b of the
+        token under this system's random 128-bit key, so it is kept nowhere and cannot be
+        told from the token (only its seal travels before the caller gives up)."""
+        keyed = self._secret_hash.copy()
+        keyed.update(token.encode())
+        return keyed.hexdigest()
+
+    def register(self, route: Route, token: str = "") -> str:
+        """Route the frames of a new conversation to ``route`` (under ``token``, or a new
+        one); returns its inbox token."""
+        token = token or self.new_token()
         self.routes[token] = route
         return token
 
     def register_probe(self, route: Route) -> str:
         """``register`` for a short protocol question (a ping round, a room search): its
         answers are routed alike, but it is not an open call (``System.idle`` ignores it)."""
-        token = os.urandom(10).hex()
+        token = self.new_token()
         self.probes[token] = route
         return token
 
