@@ -59,6 +59,7 @@ class Work:
         "reply",
         "scope",
         "seal",
+        "taken",
         "window",
     )
 
@@ -82,6 +83,7 @@ class Work:
         self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
+        self.taken = False  # a worker took it: it no longer waits in the queue
 
 
 class Overflow:
@@ -866,7 +868,13 @@ class Node:
     def _watch_deadline(self, work: Work) -> None:
         assert work.deadline is not None
         self._deadline_seq += 1
-        heapq.heappush(self._deadlines, (work.deadline, self._deadline_seq, work))
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (work.deadline, self._deadline_seq, work))
+        if len(deadlines) > 2 * self._mailbox.queued + 64:
+            # Entries of events taken since are dropped lazily; keep the heap as small as
+            # the queue, so a busy node does not keep one per request for its whole timeout.
+            deadlines[:] = [entry for entry in deadlines if not entry[2].taken]
+            heapq.heapify(deadlines)
         if self._deadlines[0][2] is work and self._deadline_wake is not None:
             self._deadline_wake.set()  # earlier than the one the watcher sleeps for
         if not self._watching:
@@ -886,7 +894,7 @@ class Node:
                     self._deadline_wake = None
                     continue
                 work = heapq.heappop(deadlines)[2]
-                if self._mailbox.withdraw(work):
+                if not work.taken and self._mailbox.withdraw(work):
                     self._mailbox.failed += 1
                     self._inflight.pop(work.reply, None)
                     await self._reply(work, self._timed_out(work))
@@ -902,6 +910,7 @@ class Node:
     # ----- execution ----------------------------------------------------------------
 
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
+        work.taken = True
         if work.abandoned:  # the caller gave up while it waited in the queue
             self._mailbox.failed += 1
             self._inflight.pop(work.reply, None)
