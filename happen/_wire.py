@@ -241,11 +241,6 @@ SECRET_BYTES = 16
 SEAL_BYTES = 12
 
 
-def new_secret() -> str:
-    """A random secret (what a client without a ``Wire`` may use for its calls)."""
-    return os.urandom(SECRET_BYTES).hex()
-
-
 def seal_of(secret: str) -> str:
     """The public digest of ``secret`` a request carries (hex BLAKE2b, ``SEAL_BYTES`` long)."""
     data = secret.encode("utf-8", "replace")  # a peer's string may hold lone surrogates
