@@ -538,14 +538,9 @@ class Node:
         overflow, self._overflow = self._overflow, deque()
         for entry in overflow:
             self._mailbox.rejected += 1
-            await self._reply(entry.work, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped"))
+            await self._reply(entry.work, p.stopped(self.id))
         for work in self._mailbox.take_pending():
-            self._mailbox.failed += 1
-            self._inflight.pop(work.reply, None)
-            if work.reply:
-                await self._wire.reply(
-                    work.reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} stopped")
-                )
+            await self._fail_unstarted(work, p.stopped(self.id))
 
     # ----- receiving ----------------------------------------------------------------
 
@@ -772,9 +767,7 @@ class Node:
         if work.scope is not None:
             work.scope.cancel()
         elif self._mailbox.withdraw(work):  # still queued: its place is free at once
-            self._mailbox.failed += 1
-            self._inflight.pop(work.reply, None)
-            await self._wire.reply(work.reply, p.abandoned(self.id))
+            await self._fail_unstarted(work, p.abandoned(self.id))
 
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
@@ -895,12 +888,17 @@ class Node:
                     continue
                 work = heapq.heappop(deadlines)[2]
                 if not work.taken and self._mailbox.withdraw(work):
-                    self._mailbox.failed += 1
-                    self._inflight.pop(work.reply, None)
-                    await self._reply(work, self._timed_out(work))
+                    await self._fail_unstarted(work, self._timed_out(work))
         finally:
             self._watching = False
             self._deadline_wake = None
+
+    async def _fail_unstarted(self, work: Work, failure: p.Failure) -> None:
+        """An admitted event ends without its handler running: counted failed, forgotten,
+        and its caller told why."""
+        self._mailbox.failed += 1
+        self._inflight.pop(work.reply, None)
+        await self._reply(work, failure)
 
     def _timed_out(self, work: Work) -> p.Failure:
         return p.Failure(
@@ -912,14 +910,10 @@ class Node:
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
         work.taken = True
         if work.abandoned:  # the caller gave up while it waited in the queue
-            self._mailbox.failed += 1
-            self._inflight.pop(work.reply, None)
-            await self._reply(work, p.abandoned(self.id))
+            await self._fail_unstarted(work, p.abandoned(self.id))
             return
         if work.deadline is not None and anyio.current_time() >= work.deadline:
-            self._mailbox.failed += 1  # never start a handler after its deadline
-            self._inflight.pop(work.reply, None)
-            await self._reply(work, self._timed_out(work))
+            await self._fail_unstarted(work, self._timed_out(work))  # never start it late
             return
         work.scope = scope
         token = current_event.set(work.event)
