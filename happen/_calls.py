@@ -603,7 +603,7 @@ class Caller:
             self.window,
             timeout_ms,
             self._system_id,
-            seal=p.seal_of(call.secret),
+            seal=self.wire.seal_for(call.token),
         )
         return frame, self.wire.encode(frame)
 

@@ -239,6 +239,22 @@ BroadcastFrame = Broadcast | BroadcastItem | BroadcastEnd
 #: Random bytes in a call's secret, and bytes in its seal (a BLAKE2b digest of the secret).
 SECRET_BYTES = 16
 SEAL_BYTES = 12
+#: Random bytes in an inbox token, and how many tokens one read of the random source makes.
+TOKEN_BYTES = 10
+TOKEN_BATCH = 256
+
+#: Forks of this process so far, as seen from a child: a forked child draws its own tokens
+#: rather than hand out the ones its parent drew before the fork.
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def seal_of(secret: str) -> str:
@@ -321,6 +337,8 @@ class Wire:
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._secret_hash = hashlib.blake2b(key=os.urandom(16), digest_size=SECRET_BYTES)
+        self._tokens: list[str] = []  # drawn from the random source, not handed out yet
+        self._drawn_at = _forks
         self.rename(namespace)
 
     def rename(self, namespace: str) -> None:
@@ -428,7 +446,19 @@ class Wire:
     def new_token(self) -> str:
         """A new inbox token: a capability, unguessable (80 random bits), one per
         conversation."""
-        return os.urandom(10).hex()
+        tokens = self._tokens
+        if not tokens or self._drawn_at != _forks:
+            tokens = self._draw_tokens()
+        return tokens.pop()
+
+    def _draw_tokens(self) -> list[str]:
+        # One read of the random source for a batch of tokens (a read per token cost a
+        # system call per request); each token is still its own 80 random bits.
+        block = os.urandom(TOKEN_BYTES * TOKEN_BATCH).hex()
+        size = 2 * TOKEN_BYTES
+        self._tokens = [block[i : i + size] for i in range(0, len(block), size)]
+        self._drawn_at = _forks
+        return self._tokens
 
     def secret_of(self, token: str) -> str:
         """The secret of the call whose inbox token is ``token``: a keyed BLAKE2b of the
@@ -437,6 +467,13 @@ class Wire:
         keyed = self._secret_hash.copy()
         keyed.update(token.encode())
         return keyed.hexdigest()
+
+    def seal_for(self, token: str) -> str:
+        """``seal_of(secret_of(token))``: the seal a request with inbox token ``token``
+        carries, in one step."""
+        keyed = self._secret_hash.copy()
+        keyed.update(token.encode())
+        return hashlib.blake2b(keyed.hexdigest().encode(), digest_size=SEAL_BYTES).hexdigest()
 
     def register(self, route: Route, token: str = "") -> str:
         """Route the frames of a new conversation to ``route`` (under ``token``, or a new
