@@ -154,6 +154,8 @@ class MemoryBroker:
         self.buckets: dict[str, BucketState] = {}
         self.subs: list[MemorySubscription] = []
         self.routes: dict[str, list[list[MemorySubscription]]] = {}
+        #: Routes of reply subjects by inbox (the subject less its last token).
+        self.inbox_routes: dict[str, list[list[MemorySubscription]]] = {}
         self.rr = itertools.count()
         # indexes: exact subjects, "literal.prefix.*" patterns (inboxes), everything else
         self.exact: dict[str, list[MemorySubscription]] = {}
@@ -184,6 +186,7 @@ class MemoryTransport:
         self.broker = broker if broker is not None else MemoryBroker()
         self._subs = self.broker.subs
         self._routes = self.broker.routes
+        self._inbox_routes = self.broker.inbox_routes
         self._rr = self.broker.rr
         self._inbox_ids = itertools.count()
         self._started = False
@@ -243,6 +246,7 @@ class MemoryTransport:
         self._subs.append(sub)
         self.broker.index(sub).append(sub)
         self._routes.clear()
+        self._inbox_routes.clear()
         return sub
 
     def _remove(self, sub: MemorySubscription) -> None:
@@ -254,6 +258,7 @@ class MemoryTransport:
             except ValueError:
                 pass
             self._routes.clear()
+            self._inbox_routes.clear()
 
     def _route(self, subject: str) -> list[list[MemorySubscription]]:
         """Groups of subscriptions a subject reaches: one group per queue, singles alone."""
@@ -277,6 +282,21 @@ class MemoryTransport:
             if len(self._routes) > 10_000:
                 self._routes.clear()
             self._routes[subject] = route
+        return route
+
+    def _inbox_route(self, subject: str) -> list[list[MemorySubscription]] | None:
+        """The route of a reply subject heard only through its inbox's ``prefix.*``
+        subscriptions, from a cache by prefix (each reply subject is used once, its inbox
+        for every call); None for any other subject."""
+        broker = self.broker
+        if broker.wild or subject in broker.exact:
+            return None
+        head = subject.rpartition(".")[0]
+        route = self._inbox_routes.get(head)
+        if route is None:
+            if len(self._inbox_routes) > 1000:
+                self._inbox_routes.clear()
+            route = self._inbox_routes[head] = self._route(subject)
         return route
 
     def check_open(self) -> None:
@@ -309,7 +329,9 @@ class MemoryTransport:
         route = self._routes.get(subject)
         if route is None:
             _validate_subject(subject, wildcards=False)
-            route = self._route(subject)
+            route = self._inbox_route(subject) if subject.startswith("_INBOX.") else None
+            if route is None:
+                route = self._route(subject)
         if not route:
             if reply:
                 await self._deliver_status(reply, NO_RESPONDERS)
@@ -322,7 +344,13 @@ class MemoryTransport:
                 sub = group[next(self._rr) % len(group)]
             if not sub.active:
                 continue
-            await self._call(sub, MemoryMessage(subject, data, reply or "", hdrs))
+            # (``_call``, written out: every message of the process takes this path)
+            try:
+                await sub.callback(MemoryMessage(subject, data, reply or "", hdrs))
+            except anyio.get_cancelled_exc_class():
+                raise
+            except Exception:
+                log.exception("subscription callback for %r raised", sub.pattern)
 
     async def _deliver_status(self, reply: str, status: str) -> None:
         route = self._routes.get(reply)
