@@ -150,7 +150,7 @@ class Call:
         self.allowed = caller.window
         self.received = 0
         self.heard = 0  # frames received so far (the liveness monitor watches it change)
-        self._frames: deque[Any] = deque()
+        self._frames: deque[Any] | None = None  # made when the first frame comes
         self._wake: Signal | None = None
 
     @property
@@ -192,7 +192,10 @@ class Call:
             self.waiting = False
             self.ended = True
             self.caller.answered()
-        self._frames.append(frame)
+        frames = self._frames  # (``_queue``, written out: every reply takes this path)
+        if frames is None:
+            frames = self._frames = deque()
+        frames.append(frame)
         if self._wake is not None:
             self._wake.set()
 
@@ -214,9 +217,7 @@ class Call:
             return
         self.received = received
         if n:  # an empty "chunks" frame carries nothing
-            self._frames.append(frame)
-            if self._wake is not None:
-                self._wake.set()
+            self._queue(frame)
 
     def _missing(self, expected: int, got: int, what: str) -> TransportError:
         """The error for a frame numbered ``got`` (``what``) where item ``expected`` was due."""
@@ -239,10 +240,17 @@ class Call:
         """End the stream with ``error`` after the items already queued; stop the producer."""
         self.ended = True
         self.waiting = False
-        self._frames.append(error)
+        self._queue(error)
+        self.caller.discard(self)
+
+    def _queue(self, frame: Any) -> None:
+        """Hand ``frame`` to the reader, waking it if it waits."""
+        frames = self._frames
+        if frames is None:  # (most calls get one frame: none is kept while they wait)
+            frames = self._frames = deque()
+        frames.append(frame)
         if self._wake is not None:
             self._wake.set()
-        self.caller.discard(self)
 
     def _probed(self) -> None:
         if self.probe is not None:
