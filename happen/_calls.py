@@ -259,7 +259,9 @@ class Call:
 
     def release(self) -> None:
         """Give back what the call holds: a local reservation, a remote hold, a probe."""
-        self._probed()
+        if self.probe is not None:  # (``_probed``, written out: every call comes here twice)
+            gate, self.probe = self.probe, None
+            gate.probe_done()
         if self.reserved is not None:
             mailbox, self.reserved = self.reserved, None
             mailbox.arrived()
@@ -544,6 +546,7 @@ class Caller:
         self._local_listeners = local_listeners
         self._broadcast_streams = broadcast_streams
         self._gates: dict[str, RemoteGate] = {}
+        self._own_subjects: dict[str, str] = {}  # the instance subjects of local nodes
         self._answered: anyio.Event | None = None
         #: Told of every call (``System.observe_calls``); None: calls are not watched.
         self.observer: CallObserver | None = None
@@ -613,7 +616,7 @@ class Caller:
             self._system_id,
             seal=self.wire.seal_for(call.token),
         )
-        return frame, self.wire.encode(frame)
+        return frame, self.wire.codec.encode(frame)
 
     async def send(
         self,
@@ -639,7 +642,10 @@ class Caller:
         else:
             call = Call(self, target_id)
             frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
-            opening = self._open_within(timeout, call, frame, data)
+            if timeout is None:  # (no scope to enter: one coroutine less on every resume)
+                opening = self._open(call, frame, data)
+            else:
+                opening = self._open_within(timeout, call, frame, data)
             del frame, data  # (not kept while the call waits)
             first = await opening
             if type(first) is p.Result:
@@ -748,14 +754,17 @@ class Caller:
             call.reserved = mailbox
             # To our own instance, so the reservation is surely freed when it arrives; a
             # full instance passes requests on to a twin with room.
-            subject = wire.instance_subject(target, self._system_id)
+            subject = self._own_subjects.get(target)
+            if subject is None:
+                subject = wire.instance_subject(target, self._system_id)
+                self._own_subjects[target] = subject
         else:
             subject = wire.node_subject(target)
             gate = self._gates.get(target)
             if gate is not None and await gate.admit(runtime.signal):
                 call.probe = gate
                 data = wire.encode(msgspec.structs.replace(frame, probe=True))
-        wire.register(call, call.token)
+        wire.routes[call.token] = call  # (``wire.register``: the token is the call's own)
         try:
             if runtime.state != "running":
                 raise SystemStoppedError("the system stopped")
@@ -860,11 +869,14 @@ class Caller:
 
     def forget(self, call: Call) -> None:
         call.release()
-        self.wire.forget(call.token)
+        self.wire.routes.pop(call.token, None)  # (``wire.forget``: a call is never a probe)
 
     def arrived(self, reply: str) -> None:
         """A request from this system reached a node of this system: free its reservation."""
-        route = self.wire.route_for(reply)
+        wire = self.wire  # (``wire.route_for``, written out: every local request comes here)
+        if not reply.startswith(wire.inbox_prefix):
+            return
+        route = wire.routes.get(reply[len(wire.inbox_prefix) :])
         if type(route) is Call and route.reserved is not None:
             mailbox, route.reserved = route.reserved, None
             mailbox.arrived()

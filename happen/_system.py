@@ -157,7 +157,7 @@ class System:
             ids=self._ids,
             system_id=self.id,
             window=self._window,
-            local_mailbox=self._local_mailbox,
+            local_mailbox=self._mailboxes.get,
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
         )
@@ -463,9 +463,6 @@ class System:
                 "(async with happen.System() as system: ...)"
             )
         return self._transport
-
-    def _local_mailbox(self, node_id: str) -> Mailbox[Any] | None:
-        return self._mailboxes.get(node_id)
 
     def _local_listeners(self, event_type: str) -> list[Mailbox[Any]]:
         listeners = self._listeners.get(event_type)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import logging
 import os
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import msgspec
@@ -397,21 +398,30 @@ class Wire:
 
     async def publish_data(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
         """Publish encoded bytes; errors propagate to the caller."""
-        await self._transport().publish(subject, data, reply=reply)
+        transport = self.transport
+        if transport is None:
+            transport = self._transport()  # (raises)
+        await transport.publish(subject, data, reply=reply)
 
-    async def reply(self, subject: str, frame: Any) -> bool:
-        """Publish a reply frame; never raises. True once it was handed to the transport.
+    def reply(self, subject: str, frame: Any) -> Awaitable[bool]:
+        """Publish a reply frame (``await wire.reply(...)``); never raises. True once it was
+        handed to the transport.
 
         A frame that cannot be encoded or is over ``max_payload`` is replaced by a failure
         naming why, so the caller is told; a lost connection is logged. Either way the
         answer is False: the node counts the call as failed.
         """
+        # Encoded here, and ``reply_data``'s coroutine returned as it is: every reply would
+        # otherwise pass through one more coroutine.
         try:
             data = self.codec.encode(frame)
         except CodecError as exc:
-            await self._reply_instead(subject, exc)
-            return False
-        return await self.reply_data(subject, data)
+            return self._replied_instead(subject, exc)
+        return self.reply_data(subject, data)
+
+    async def _replied_instead(self, subject: str, exc: Exception) -> bool:
+        await self._reply_instead(subject, exc)
+        return False
 
     async def reply_data(self, subject: str, data: bytes) -> bool:
         """``reply`` for an encoded frame."""
