@@ -291,12 +291,15 @@ class MemoryTransport:
         broker = self.broker
         if broker.wild or subject in broker.exact:
             return None
-        head = subject.rpartition(".")[0]
+        head, _, token = subject.rpartition(".")
         route = self._inbox_routes.get(head)
         if route is None:
+            _validate_subject(subject, wildcards=False)
             if len(self._inbox_routes) > 1000:
                 self._inbox_routes.clear()
             route = self._inbox_routes[head] = self._route(subject)
+        elif not token.isalnum():  # (the inbox was checked when cached; a token of letters
+            _validate_subject(subject, wildcards=False)  # and digits is a valid one)
         return route
 
     def check_open(self) -> None:
@@ -328,9 +331,9 @@ class MemoryTransport:
             )
         route = self._routes.get(subject)
         if route is None:
-            _validate_subject(subject, wildcards=False)
             route = self._inbox_route(subject) if subject.startswith("_INBOX.") else None
             if route is None:
+                _validate_subject(subject, wildcards=False)
                 route = self._route(subject)
         if not route:
             if reply:
