@@ -464,9 +464,7 @@ class Wire:
     def _draw_tokens(self) -> list[str]:
         # One read of the random source for a batch of tokens (a read per token cost a
         # system call per request); each token is still its own 80 random bits.
-        block = os.urandom(TOKEN_BYTES * TOKEN_BATCH).hex()
-        size = 2 * TOKEN_BYTES
-        self._tokens = [block[i : i + size] for i in range(0, len(block), size)]
+        self._tokens = os.urandom(TOKEN_BYTES * TOKEN_BATCH).hex(" ", TOKEN_BYTES).split()
         self._drawn_at = _forks
         return self._tokens
 
