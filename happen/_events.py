@@ -30,7 +30,7 @@ _MAX_HOPS = 2**63 - 1
 P = TypeVar("P", default=Any)
 
 
-class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True):
+class CausalContext(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Where an event comes from.
 
     - ``id``: unique id of this event.

@@ -68,7 +68,7 @@ UNAVAILABLE = "unavailable"
 PRESENCE = "happen.presence"
 
 
-class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True):
+class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True, gc=False):
     pass
 
 
