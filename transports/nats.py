@@ -415,11 +415,14 @@ class NatsTransport:
             raise TransportError(f"the NATS transport is {state}")
         return nc
 
-    def _connected_client(self, action: str) -> Client:
+    def _connected_client(self, action: str, subject: str | None = None) -> Client:
         """The client, if its connection is up: while nats-py reconnects it would hold a
-        publish or a subscription in its reconnect buffer for the whole outage."""
+        publish or a subscription in its reconnect buffer for the whole outage. ``action``
+        (and ``subject``, quoted after it) say what could not be done."""
         nc = self._client()
         if not nc.is_connected and not nc.is_closed:
+            if subject is not None:
+                action = f"{action} {subject!r}"
             raise TransportError(
                 f"cannot {action}: the connection to NATS is down (reconnecting); nothing was sent"
             )
@@ -437,7 +440,7 @@ class NatsTransport:
         :class:`TransportError` for an invalid subject, a closed connection, or at once while
         the connection is down and nats-py reconnects.
         """
-        nc = self._connected_client(f"subscribe to {subject!r}")
+        nc = self._connected_client("subscribe to", subject)
         if not inspect.iscoroutinefunction(callback):  # nats-py takes coroutine functions only
             callback = _as_coroutine_function(callback)
         try:
@@ -471,7 +474,9 @@ class NatsTransport:
         break, an invalid subject or header name, a closed connection, or at once while the
         connection is down and nats-py reconnects (nothing is sent, nothing is buffered).
         """
-        nc = self._connected_client(f"publish to {subject!r}")
+        nc = self._nc
+        if nc is None or self._state != "connected" or not nc.is_connected:
+            nc = self._connected_client("publish to", subject)  # (raises, unless closed)
         # nats-py checks whitespace only; an empty token shows as ".." once framed by dots.
         if "*" in subject or ">" in subject or ".." in f".{subject}.":
             raise TransportError(f"invalid subject {subject!r}: a wildcard or an empty token")
