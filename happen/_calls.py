@@ -127,6 +127,12 @@ class Call:
         "gate",
         "heard",
         "held",
+        "live_claimed",
+        "live_missed",
+        "live_quiet",
+        "live_seen",
+        "live_unanswered",
+        "live_unheard",
         "probe",
         "received",
         "reserved",
@@ -134,6 +140,13 @@ class Call:
         "token",
         "waiting",
     )
+    # Set by the liveness monitor when it first sees the call (``live_seen`` says whether it
+    # has): its record of the call, kept here rather than in a table of its own.
+    live_quiet: int  # whole ticks without a frame
+    live_unheard: int  # whole ticks without a frame or a claim
+    live_claimed: bool  # a pong claimed it since the last tick
+    live_missed: int  # answered rounds in a row that did not claim it
+    live_unanswered: int  # rounds in a row that nobody answered at all
 
     def __init__(self, caller: Caller, target: str) -> None:
         self.caller = caller
@@ -150,6 +163,7 @@ class Call:
         self.allowed = caller.window
         self.received = 0
         self.heard = 0  # frames received so far (the liveness monitor watches it change)
+        self.live_seen = -1  # ``heard`` at the liveness monitor's last tick (-1: not seen yet)
         self._frames: deque[Any] | None = None  # made when the first frame comes
         self._wake: Signal | None = None
 

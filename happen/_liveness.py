@@ -44,33 +44,18 @@ PING_BATCH = 256
 FOREIGN_TICKS = 4
 
 
-class _Watch:
-    """What the monitor knows about one open call."""
-
-    __slots__ = ("claimed", "heard", "missed", "quiet", "unanswered", "unheard")
-
-    def __init__(self, heard: int) -> None:
-        self.heard = heard  # the call's frame count at the last tick
-        self.quiet = 0  # whole ticks without a frame
-        self.unheard = 0  # whole ticks without a frame or a claim
-        self.claimed = False  # a pong claimed it since the last tick
-        self.missed = 0  # answered rounds in a row that did not claim it
-        self.unanswered = 0  # rounds in a row that nobody answered at all
-
-
 class _Round:
     """One ping: the route its pongs (or its "no responders" status) come back to."""
 
-    __slots__ = ("answered", "calls", "claims", "monitor", "no_responders", "target", "token")
+    __slots__ = ("answered", "calls", "monitor", "no_responders", "target", "token")
     abandoned = False
     secret = ""  # the route protocol's field: nothing to prove
 
-    def __init__(self, monitor: LivenessMonitor, target: str, calls: dict[str, str]) -> None:
+    def __init__(self, monitor: LivenessMonitor, target: str, calls: dict[str, Call]) -> None:
         self.monitor = monitor
         self.target = target
-        self.calls = calls  # reply subject -> inbox token
+        self.calls = calls  # by inbox token (the call's own string: no reply subjects kept)
         self.token = ""
-        self.claims: set[str] = set()  # the reply subjects some pong listed
         self.answered = False
         self.no_responders = False
 
@@ -111,7 +96,6 @@ class LivenessMonitor:
         self.timeout = timeout
         self.tick = timeout / 4
         self._epoch = 0
-        self._watches: dict[str, _Watch] = {}  # by inbox token
         self._rounds: list[_Round] = []  # sent at the last tick
         self._participants: set[str] = set()  # nodes an instance of which answered a ping
         self._foreign: dict[str, int] = {}  # node -> epoch until which it is not pinged
@@ -141,70 +125,70 @@ class LivenessMonitor:
             if not sent.no_responders:
                 self._judge(sent)
         self._rounds = []
-        silent: dict[str, dict[str, str]] = {}
-        watches: dict[str, _Watch] = {}
-        old = self._watches
-        for token, route in list(wire.routes.items()):
-            if type(route) is not Call:
+        # What the monitor knows of a call is kept on the call itself: a tick allocates
+        # nothing per open call, whatever their number.
+        silent: dict[str, list[Call]] = {}
+        for call in list(wire.routes.values()):
+            if type(call) is not Call:
                 continue
-            watch = old.get(token)
-            if watch is None:
-                watches[token] = _Watch(route.heard)  # new since the last tick
+            if call.live_seen < 0:  # new since the last tick
+                call.live_seen = call.heard
+                call.live_quiet = call.live_unheard = call.live_missed = 0
+                call.live_unanswered = 0
+                call.live_claimed = False
                 continue
-            watches[token] = watch
-            if route.heard != watch.heard:
-                watch.heard = route.heard
-                watch.quiet = watch.unheard = 0
+            if call.heard != call.live_seen:
+                call.live_seen = call.heard
+                call.live_quiet = call.live_unheard = 0
             else:
-                watch.quiet += 1
-                watch.unheard = 0 if watch.claimed else watch.unheard + 1
-            watch.claimed = False
-            if watch.unheard >= 4 and watch.unanswered >= 2:
+                call.live_quiet += 1
+                call.live_unheard = 0 if call.live_claimed else call.live_unheard + 1
+            call.live_claimed = False
+            if call.live_unheard >= 4 and call.live_unanswered >= 2:
                 self._lose(
-                    token,
-                    f"node {route.target!r} did not answer for {self.timeout} s "
+                    call,
+                    f"node {call.target!r} did not answer for {self.timeout} s "
                     "(liveness_timeout): its host is frozen or unreachable",
                 )
                 continue
-            if watch.quiet >= 1 and self._foreign.get(route.target, 0) < self._epoch:
-                silent.setdefault(route.target, {})[wire.inbox_prefix + token] = token
-        self._watches = watches
+            if call.live_quiet >= 1 and self._foreign.get(call.target, 0) < self._epoch:
+                silent.setdefault(call.target, []).append(call)
         for target, calls in silent.items():
-            subjects = list(calls)
-            for i in range(0, len(subjects), PING_BATCH):
-                batch = {subject: calls[subject] for subject in subjects[i : i + PING_BATCH]}
-                await self._ping(target, batch)
+            for i in range(0, len(calls), PING_BATCH):
+                await self._ping(target, {call.token: call for call in calls[i : i + PING_BATCH]})
 
-    async def _ping(self, target: str, calls: dict[str, str]) -> None:
+    async def _ping(self, target: str, calls: dict[str, Call]) -> None:
         wire = self._wire
         sent = _Round(self, target, calls)
         sent.token = wire.register_probe(sent)
         self._rounds.append(sent)
+        prefix = wire.inbox_prefix
         try:
             await wire.publish(
                 wire.ping_subject(target),
-                p.Ping(list(calls)),
-                reply=wire.inbox_prefix + sent.token,
+                p.Ping([prefix + token for token in calls]),
+                reply=prefix + sent.token,
             )
         except Exception as exc:  # disconnected: the transport fails the calls itself
             log.debug("could not ping node %r: %s", target, exc)
 
     def _judge(self, sent: _Round) -> None:
-        """A round is over: count it against the calls it did not claim."""
-        for subject, token in sent.calls.items():
-            watch = self._watches.get(token)
-            if watch is None or token not in self._wire.routes:
-                continue
+        """A round is over: count it against the calls it did not claim (a call is in one
+        round a tick, so its ``live_claimed`` says whether this round's pongs claimed it)."""
+        routes = self._wire.routes
+        for token, call in sent.calls.items():
+            if routes.get(token) is not call:
+                continue  # answered (or lost) since
             if not sent.answered:
-                watch.unanswered += 1
+                call.live_unanswered += 1
                 continue
-            watch.unanswered = 0
-            if subject in sent.claims:
+            call.live_unanswered = 0
+            if call.live_claimed:
                 continue
-            watch.missed += 1
-            if watch.missed >= 2:
+            call.live_missed += 1
+            if call.live_missed >= 2:
                 self._lose(
-                    token,
+                    call,
                     f"node {sent.target!r} lost the call: no instance of it holds it any "
                     "more (its host died or restarted)",
                 )
@@ -215,23 +199,23 @@ class LivenessMonitor:
         """A pong: the calls it lists are alive."""
         self._participants.add(sent.target)
         self._foreign.pop(sent.target, None)
+        prefix = self._wire.inbox_prefix
         for subject in calls:
-            token = sent.calls.get(subject)
-            if token is None:
+            if not subject.startswith(prefix):
                 continue
-            sent.claims.add(subject)
-            watch = self._watches.get(token)
-            if watch is not None:
-                watch.claimed = True
-                watch.missed = 0
+            call = sent.calls.get(subject[len(prefix) :])
+            if call is None:
+                continue  # not one this round asked about
+            call.live_claimed = True
+            call.live_missed = 0
 
     def unheard_of(self, sent: _Round) -> None:
         """A ping got "no responders": no instance of the node hears pings."""
         target = sent.target
         if target in self._participants:
-            for token in sent.calls.values():
+            for call in sent.calls.values():
                 self._lose(
-                    token,
+                    call,
                     f"node {target!r} is gone: no instance of it answers any more "
                     "(its host died or stopped)",
                 )
@@ -257,15 +241,13 @@ class LivenessMonitor:
             wire.forget(token)
             self._probing.discard(target)
         if probe.nobody:
-            for call_token in sent.calls.values():
-                self._lose(call_token, f"nobody serves node {target!r} any more: its host is gone")
+            for call in sent.calls.values():
+                self._lose(call, f"nobody serves node {target!r} any more: its host is gone")
         else:
             self._foreign[target] = self._epoch + FOREIGN_TICKS
 
-    def _lose(self, token: str, message: str) -> None:
-        route = self._wire.routes.get(token)
-        if type(route) is not Call:
-            return
-        self._wire.forget(token)
-        self._watches.pop(token, None)
-        route.feed(HostLostError(message, node_id=route.target))
+    def _lose(self, call: Call, message: str) -> None:
+        if self._wire.routes.get(call.token) is not call:
+            return  # answered, or lost already
+        self._wire.forget(call.token)
+        call.feed(HostLostError(message, node_id=call.target))
