@@ -40,7 +40,7 @@ from happen._errors import (
     ValidationError,
 )
 from happen._events import Event, IdGenerator, new_context
-from happen._ids import validate_event_type, validate_node_id
+from happen._ids import validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox
 from happen._observe import CallObserver, CallWatch
 from happen._pressure import RemoteGate
@@ -583,10 +583,13 @@ class Caller:
         priority: int,
         call: Call,
         trace: str | None = None,
+        key: str | None = None,
     ) -> tuple[p.Request, bytes]:
         """The request frame and its encoding (encoded now, so bad payloads fail here)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        if key is not None:
+            validate_key(key)
         timeout_ms = None
         if timeout is not None:
             if not timeout > 0:
@@ -604,6 +607,7 @@ class Caller:
             timeout_ms,
             self._system_id,
             seal=p.seal_of(call.secret),
+            key=key,
         )
         return frame, self.wire.encode(frame)
 
@@ -615,6 +619,7 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        key: str | None = None,
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
         result: Any
@@ -627,10 +632,13 @@ class Caller:
                 payload,
                 timeout,
                 priority,
+                key,
             )
         else:
             call = Call(self, target_id)
-            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, call, None, key
+            )
             first = await self._open_within(timeout, call, frame, data)
             if type(first) is p.Result:
                 if convert is None:
@@ -651,11 +659,12 @@ class Caller:
         payload: Any,
         timeout: float | None,
         priority: int,
+        key: str | None,
     ) -> Any:
         try:
             call = Call(self, target_id)
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, watch.trace
+                sender, event_type, payload, timeout, priority, call, watch.trace, key
             )
             first = await self._open_within(timeout, call, frame, data)
         except BaseException as exc:
@@ -674,6 +683,7 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        key: str | None = None,
     ) -> Stream[Any]:
         target_id, event_type, payload = self.prepare(target, event)
         watch = None
@@ -683,7 +693,7 @@ class Caller:
         try:
             trace = watch.trace if watch is not None else None
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, trace
+                sender, event_type, payload, timeout, priority, call, trace, key
             )
         except BaseException as exc:
             if watch is not None:

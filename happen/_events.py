@@ -68,6 +68,9 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
 
     In a handler of a streamed broadcast, ``stream`` is an async iterator of the items the
     broadcaster publishes; otherwise it is ``None``.
+
+    ``key`` is the key it was sent with (``send(..., key=...)``): at most one event of a key
+    runs at a time on the node, in the order the node accepted them. ``None``: unkeyed.
     """
 
     type: str
@@ -76,6 +79,7 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
         default_factory=lambda: CausalContext(id="", sender="", correlation_id="")
     )
     stream: AsyncIterator[Any] | None = None
+    key: str | None = None
 
 
 #: The event whose handler is running in the current task (None outside handlers).

@@ -12,10 +12,11 @@ import anyio
 import msgspec
 
 from happen._config import ConcurrencySettings
+from happen._keys import Entry, KeyTable, Keyed
 
 __all__ = ["Mailbox", "NodeStats"]
 
-Item = TypeVar("Item")
+Item = TypeVar("Item", bound=Keyed)
 
 
 async def _unbound(item: Any, scope: anyio.CancelScope) -> None:
@@ -42,6 +43,12 @@ class NodeStats(msgspec.Struct, frozen=True):
     ``state_writes`` counts ``put``, ``delete`` and ``update`` calls that succeeded;
     ``state_conflicts`` counts compare-and-sets that were refused (each ``StateConflict``
     raised, and each refused attempt an ``update`` retried).
+
+    Per-key order (``key=`` on ``send`` and ``stream``): ``keys_active`` is how many keys
+    are held by an event that has started (running, or waiting between attempts);
+    ``keyed_waiting`` how many keyed events wait for their key (behind an earlier event of
+    the key, or for their key's partition to reach this instance): they are part of
+    ``queued`` and hold no slot.
     """
 
     active: int
@@ -58,6 +65,8 @@ class NodeStats(msgspec.Struct, frozen=True):
     state_reads: int = 0
     state_writes: int = 0
     state_conflicts: int = 0
+    keys_active: int = 0
+    keyed_waiting: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -69,6 +78,11 @@ class Mailbox(Generic[Item]):
     wakes the next one, so a burst is served without a task switch per item while handlers
     that wait on I/O still spread over the workers. ``run`` must not raise (except
     cancellation): it counts its own outcome.
+
+    Keyed items (``item.key`` set) run one at a time per key, in arrival order: an item
+    whose key is held waits in its key's queue (counted in ``queued``, without a slot) until
+    the holder's final outcome; a free slot goes to the oldest queued item whose key is
+    free (by priority first under the ``priority`` strategy). ``keys`` is the key table.
     """
 
     def __init__(
@@ -83,9 +97,14 @@ class Mailbox(Generic[Item]):
         self._limit = settings.queue_limit
         self._pressure_at = settings.backpressure_threshold * settings.queue_limit
         self._priority = settings.queue_strategy == "priority"
-        self._fifo: deque[Item] = deque()
+        # Items that may take the next free slot (their key, if any, is theirs), oldest
+        # first: FIFO keeps arrivals in a deque and keyed items whose key came free later in
+        # a heap by arrival, and takes the older head; the priority strategy keeps one heap.
+        self._fifo: deque[tuple[int, Item]] = deque()
+        self._released: list[tuple[int, Item]] = []
         self._heap: list[tuple[int, int, Item]] = []
         self._seq = itertools.count()
+        self.keys = KeyTable()
         self._run: Callable[[Item, anyio.CancelScope], Awaitable[None]] = _unbound
         self._spawn = spawn
         self._relieved: Callable[[], Awaitable[None]] = _nothing
@@ -131,23 +150,29 @@ class Mailbox(Generic[Item]):
 
     def withdraw(self, item: Item) -> bool:
         """Take a queued item out (its caller gave up): True if it was still queued."""
-        if self._priority:
-            for index, entry in enumerate(self._heap):
-                if entry[2] is item:
-                    self._heap[index] = self._heap[-1]
-                    self._heap.pop()
-                    heapq.heapify(self._heap)
-                    break
-            else:
+        key = item.key
+        if key is not None and self.keys.holders.get(key) is not item:
+            if not self.keys.withdraw(key, item):
                 return False
-        else:
-            try:
-                self._fifo.remove(item)
-            except ValueError:
-                return False
+        elif not self._unqueue(item):
+            return False
         self.queued -= 1
+        if key is not None:  # it held its key, waiting for a slot: the next one holds it
+            entry = self.keys.release(key, item)
+            if entry is not None:
+                self._start_or_queue(entry)
         self._wake_waiters()
         return True
+
+    def _unqueue(self, item: Item) -> bool:
+        """Remove ``item`` from the queues of items eligible for a slot."""
+        if self._priority:
+            return _remove_from_heap(self._heap, item, 2)
+        for index, fifo_entry in enumerate(self._fifo):
+            if fifo_entry[1] is item:
+                del self._fifo[index]
+                return True
+        return _remove_from_heap(self._released, item, 1)
 
     def holds_local_senders(self) -> bool:
         """Whether a sender in this process must wait before publishing to this node.
@@ -184,10 +209,15 @@ class Mailbox(Generic[Item]):
             state_reads=self.state_reads,
             state_writes=self.state_writes,
             state_conflicts=self.state_conflicts,
+            keys_active=self.keys.active,
+            keyed_waiting=self.keys.waiting,
         )
 
     def offer(self, item: Item, priority: int = 0) -> bool:
         """Admit ``item`` (run now or queue it) and count it; False when the queue is full."""
+        key = item.key
+        if key is not None:
+            return self._offer_keyed(item, key, priority)
         if self.active < self._max:
             self.active += 1
             self.accepted += 1
@@ -200,17 +230,100 @@ class Mailbox(Generic[Item]):
         if self._priority:
             heapq.heappush(self._heap, (-priority, next(self._seq), item))
         else:
-            self._fifo.append(item)
+            self._fifo.append((next(self._seq), item))
         self.queued += 1
         self.accepted += 1
         return True
 
+    def _offer_keyed(self, item: Item, key: str, priority: int) -> bool:
+        keys = self.keys
+        if keys.free_for(key, item):
+            if self.active < self._max:  # (then nothing eligible is queued)
+                keys.hold(key, item)
+                self.active += 1
+                self.accepted += 1
+                self._ready.append(item)
+                if not self._waking:
+                    self._wake_one()
+                return True
+            if self.queued >= self._limit:
+                return False
+            keys.hold(key, item)
+            self._queue((next(self._seq), priority, item))
+        else:
+            if self.queued >= self._limit:
+                return False
+            keys.wait(key, (next(self._seq), priority, item))
+        self.queued += 1
+        self.accepted += 1
+        return True
+
+    def _queue(self, entry: Entry) -> None:
+        """Queue an item that holds its key, by its arrival: it takes a slot in turn."""
+        seq, priority, item = entry
+        if self._priority:
+            heapq.heappush(self._heap, (-priority, seq, item))
+        else:
+            heapq.heappush(self._released, (seq, item))
+
+    def _start_or_queue(self, entry: Entry) -> None:
+        """A queued item came to hold its key: it takes a free slot, or queues for one."""
+        if self.active < self._max:
+            self.queued -= 1
+            self.active += 1
+            self._ready.append(entry[2])
+            if not self._waking:
+                self._wake_one()
+        else:
+            self._queue(entry)
+
+    # ----- keys: the interface of retries, durable intake and key partitions -------------
+
+    def keep_key(self, item: Item) -> None:
+        """Called while ``item`` runs: it keeps its key when this run ends, because it will
+        run again (a retry after its backoff, offered again with ``offer``) or settle later
+        (``release_key``). Its key's later events wait meanwhile."""
+        self.keys.keep(item)
+
+    def release_key(self, item: Item) -> None:
+        """``item``, which kept its key past its run, reached its final outcome (dead-lettered,
+        or failed for good, between runs): the key's next event may run."""
+        key = item.key
+        if key is not None:
+            entry = self.keys.release(key, item)
+            if entry is not None:
+                self._start_or_queue(entry)
+
+    def close_partition(self, partition: int) -> None:
+        """No keyed item of ``partition`` starts until ``open_partition`` (they queue)."""
+        self.keys.close(partition)
+
+    def open_partition(self, partition: int) -> None:
+        """Let the queued items of ``partition`` run, each key's oldest first."""
+        for entry in self.keys.open(partition):
+            self._start_or_queue(entry)
+
+    def take_waiting(self, partition: int) -> list[Item]:
+        """Remove and return the items of ``partition`` that wait for their key, oldest
+        first (a closed partition's, when this instance will not run it after all)."""
+        items = self.keys.take_waiting(partition)
+        self.queued -= len(items)
+        self._wake_waiters()
+        return items
+
+    # ----- the end -----------------------------------------------------------------------
+
     def take_pending(self) -> list[Item]:
         """Remove and return every item not yet running (used when the system stops)."""
-        items = list(self._ready) + list(self._fifo) + [entry[2] for entry in sorted(self._heap)]
+        if self._priority:
+            eligible = [entry[2] for entry in sorted(self._heap)]
+        else:
+            eligible = [entry[1] for entry in sorted([*self._fifo, *self._released])]
+        items = list(self._ready) + eligible + self.keys.take_waiting()
         self.active -= len(self._ready)
         self._ready.clear()
         self._fifo.clear()
+        self._released.clear()
         self._heap.clear()
         self.queued = 0
         self._wake_waiters()
@@ -233,7 +346,11 @@ class Mailbox(Generic[Item]):
         self.queued -= 1
         if self._priority:
             return heapq.heappop(self._heap)[2]
-        return self._fifo.popleft()
+        released = self._released
+        fifo = self._fifo
+        if released and (not fifo or released[0][0] < fifo[0][0]):
+            return heapq.heappop(released)[1]
+        return fifo.popleft()[1]
 
     def _wake_waiters(self) -> None:
         if self._relief is not None and self.queued + self.in_transit < self._pressure_at:
@@ -270,9 +387,14 @@ class Mailbox(Generic[Item]):
                 item = self._ready.popleft()
                 if self._ready and not self._waking:
                     self._wake_one()
+                key = item.key
+                if key is not None:
+                    self.keys.started(key)
                 try:
                     await self._run(item, scope)
                 finally:
+                    if key is not None:
+                        self._settle_key(item, key)
                     self._free_slot()  # however the item ended: done, abandoned, stopped
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
@@ -288,9 +410,19 @@ class Mailbox(Generic[Item]):
                     self._idle.remove(signal)
                 raise
 
+    def _settle_key(self, item: Item, key: str) -> None:
+        """A keyed item's run ended: unless it keeps its key, the key's next item holds it
+        and queues, so the slot being freed goes to the oldest eligible item."""
+        keys = self.keys
+        if keys.kept(item):
+            return
+        entry = keys.release(key, item)
+        if entry is not None:
+            self._queue(entry)
+
     def _free_slot(self) -> None:
-        """An item finished: its slot goes to the next queued item, or is released."""
-        if self.queued:
+        """An item finished: its slot goes to the next eligible item, or is released."""
+        if self.queued > self.keys.waiting:
             self._ready.append(self._take())
             if self.queued < self._pressure_at:
                 self._wake_waiters()
@@ -302,3 +434,13 @@ class Mailbox(Generic[Item]):
         if self._drained is not None and not self.active:
             event, self._drained = self._drained, None
             event.set()
+
+
+def _remove_from_heap(heap: list[Any], item: Any, at: int) -> bool:
+    for index, entry in enumerate(heap):
+        if entry[at] is item:
+            heap[index] = heap[-1]
+            heap.pop()
+            heapq.heapify(heap)
+            return True
+    return False

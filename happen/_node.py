@@ -18,7 +18,7 @@ from happen._calls import Caller, Stream
 from happen._errors import CodecError, HappenError, InvalidIdError, ValidationError
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
-from happen._ids import validate_event_type, validate_node_id
+from happen._ids import validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
 from happen._patterns import Pattern, PatternLike, compile_pattern
@@ -54,6 +54,7 @@ class Work:
         "deadline",
         "event",
         "handler",
+        "key",
         "made",
         "origin",
         "reply",
@@ -72,8 +73,10 @@ class Work:
         deadline: float | None,
         seal: str = "",
         origin: str = "",
+        key: str | None = None,
     ) -> None:
         self.event = event
+        self.key = key  # per-key order: the mailbox runs one event of a key at a time
         self.handler = handler
         self.reply = reply
         self.window = window
@@ -315,6 +318,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         result_type: type[R],
     ) -> R: ...
 
@@ -326,6 +330,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         result_type: None = None,
     ) -> Any: ...
 
@@ -337,6 +342,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         result_type: object,
     ) -> object: ...
 
@@ -347,6 +353,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         result_type: object = None,
     ) -> Any:
         """Send ``event`` to node ``target`` and return its handler's result.
@@ -354,18 +361,22 @@ class Node:
         When the handler is an async generator, returns a ``Stream`` of its items.
         ``timeout`` (seconds) bounds the wait for the result (or for the stream to open,
         then for each item); ``priority`` orders queues of nodes using the priority strategy.
-        With ``result_type`` (a msgspec Struct, a dataclass, a TypedDict, ``list[Item]``...)
-        the result is converted to that type, and typed so; a type a checker cannot spell
-        as ``type[T]`` (a union) gives ``object``.
+        With ``key`` (a string of 1-256 characters, e.g. an account id), at most one event of
+        that key runs at a time on the target node, across all its instances, in the order
+        the node accepted them; the handler sees it as ``event.key``. With ``result_type``
+        (a msgspec Struct, a dataclass, a TypedDict, ``list[Item]``...) the result is
+        converted to that type, and typed so; a type a checker cannot spell as ``type[T]``
+        (a union) gives ``object``.
 
         Raises ``NodeNotFoundError``, ``NoHandlerError``, ``QueueFullError``,
         ``HandlerError`` (the handler raised), ``SendTimeout``, ``CodecError``,
-        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id or type;
-        ``ValidationError`` (a ``CodecError``) when the node's handler refused the payload
-        as not fitting its type, or the result does not fit ``result_type`` (or is a stream).
+        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id, type or
+        key, and ``TypeError`` for a key that is not a string; ``ValidationError`` (a
+        ``CodecError``) when the node's handler refused the payload as not fitting its type,
+        or the result does not fit ``result_type`` (or is a stream).
         """
         convert = None if result_type is None else self._wire.codec.converter(result_type)
-        return await self._caller.send(self.id, target, event, timeout, priority, convert)
+        return await self._caller.send(self.id, target, event, timeout, priority, convert, key)
 
     @overload
     def stream(
@@ -375,6 +386,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         item_type: type[R],
     ) -> Stream[R]: ...
 
@@ -386,6 +398,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         item_type: None = None,
     ) -> Stream[Any]: ...
 
@@ -397,6 +410,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         item_type: object,
     ) -> Stream[object]: ...
 
@@ -407,18 +421,21 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        key: str | None = None,
         item_type: object = None,
     ) -> Stream[Any]:
         """Send ``event`` to ``target`` and return a ``Stream`` of the handler's items.
 
         Use as ``async with node.stream(...) as s: async for item in s: ...``; the request
         is sent when the stream is entered or first iterated. A handler that returns a
-        single value yields that one value. ``timeout`` bounds each wait for an item. With
-        ``item_type`` every item is converted to that type (``Stream[T]``); one that does not
-        fit raises ``ValidationError`` from the iteration and closes the stream.
+        single value yields that one value. ``timeout`` bounds each wait for an item.
+        ``key`` orders the event with the other events of its key, as for ``send`` (a
+        streaming handler holds its key until it finishes). With ``item_type`` every item is
+        converted to that type (``Stream[T]``); one that does not fit raises
+        ``ValidationError`` from the iteration and closes the stream.
         """
         convert = None if item_type is None else self._wire.codec.converter(item_type)
-        return self._caller.stream(self.id, target, event, timeout, priority, convert)
+        return self._caller.stream(self.id, target, event, timeout, priority, convert, key)
 
     async def broadcast(
         self, event: Event | dict[str, Any], *, stream: AsyncIterable[Any] | None = None
@@ -551,6 +568,8 @@ class Node:
         try:
             req = wire.request_decoder.decode(msg.data)
             validate_event_type(req.type)
+            if req.key is not None:
+                validate_key(req.key)
         except (CodecError, InvalidIdError) as exc:
             mailbox.rejected += 1
             wire.report_bad_input(f"node {self.id!r}", exc)
@@ -588,12 +607,15 @@ class Node:
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        event = Event(req.type, payload, context)
-        work = Work(event, handler, reply, window, deadline, req.seal, req.origin)
+        key = req.key
+        event = Event(req.type, payload, context, None, key)
+        work = Work(event, handler, reply, window, deadline, req.seal, req.origin, key)
         if self._admit(work, req.priority):
             if reply and (req.probe or mailbox.holds_senders):  # (else nothing to say now)
                 await self._acknowledge(work, req)
-        elif req.forwarded or not self._twins:  # (no twin to ask: refused at once)
+        elif req.forwarded or key is not None or not self._twins:
+            # (refused at once: no twin to ask, or a keyed event, which runs where its key
+            # is owned and nowhere else)
             await self._refuse_full(reply)
         else:
             self._overflow.append(Overflow(req, work))

@@ -84,6 +84,7 @@ class Request(_Frame, tag="req"):
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
     seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
     forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
+    key: str | None = None  # per-key order: at most one event of a key runs at a time
 
 
 class Result(_Frame, tag="res"):
