@@ -12,7 +12,7 @@ import anyio
 import msgspec
 
 from happen._config import ConcurrencySettings
-from happen._keys import Entry, KeyTable, Keyed
+from happen._keys import Entry, Keyed, KeyTable
 
 __all__ = ["Mailbox", "NodeStats"]
 
