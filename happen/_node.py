@@ -21,6 +21,7 @@ from happen._handlers import Handler, HandlerTable, check_process_handler, invok
 from happen._ids import validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
+from happen._partitions import KeyRouter
 from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
@@ -212,6 +213,16 @@ class Node:
         self._searching = False  # a search for room runs
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
         self._refused_types: set[str] = set()  # broadcast types refused (logged once each)
+        self._router = KeyRouter(
+            node_id=node_id,
+            system_id=system_id,
+            mailbox=mailbox,
+            wire=wire,
+            runtime=runtime,
+            lease=liveness_timeout,
+            accept=self._accept,
+            answer=self._answer,
+        )
 
     def __repr__(self) -> str:
         return f"<happen.Node {self.id!r}>"
@@ -549,6 +560,20 @@ class Node:
         """The transport dropped ``count`` messages meant for this node."""
         self._mailbox.dropped += count
 
+    async def hand_over_keys(self) -> None:
+        """The system stops: the key partitions this instance owns go to its twins (new
+        keyed events go there; the ones admitted here finish first), and keyed events
+        waiting for a partition it was receiving fail with ``unavailable``."""
+        if not self._router.started:
+            return
+        for work in self._router.parked():
+            await self._fail_unstarted(work, p.stopped(self.id))
+        await self._router.leave()
+
+    async def release_keys(self) -> None:
+        """The drain is over: this instance gives up its last key partitions."""
+        await self._router.finish()
+
     async def fail_pending(self) -> None:
         """The system stops: every admitted event not yet running fails with ``unavailable``;
         requests still looking for a twin with room are refused alike."""
@@ -577,12 +602,40 @@ class Node:
             if reply:
                 await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
             return
+        if req.reply_to:  # passed on by a twin to the owner of its key: answer the caller
+            reply = req.reply_to
         if req.origin == self._system_id:
             self._caller.arrived(reply)
         if req.type == p.PRESENCE:  # a liveness question, not an event: answered, not counted
             if reply:
                 await wire.reply(reply, p.Ack())
             return
+        if req.key is not None:
+            await self._route_keyed(req, reply)
+        else:
+            await self._accept(req, reply)
+
+    async def _route_keyed(self, req: p.Request, reply: str) -> None:
+        """A keyed request runs where its key's partition is owned: here, or passed on to
+        the owning instance, or held until the partition has a live owner."""
+        router = self._router
+        where = router.route(req)
+        if where == "":
+            await self._accept(req, reply)
+        elif where is not None:
+            await router.forward(req, reply, where)
+        elif not router.hold(req, reply):
+            why = router.failure()
+            if why is None:
+                await self._refuse_full(reply)
+            else:
+                self._mailbox.rejected += 1
+                await self._answer(reply, p.Failure(p.UNAVAILABLE, why))
+
+    async def _accept(self, req: p.Request, reply: str) -> None:
+        """Admit a request this instance runs (or refuse it, or look for a twin with room)."""
+        wire = self._wire
+        mailbox = self._mailbox
         if not self._runtime.accepting:
             mailbox.rejected += 1
             if reply:
@@ -622,6 +675,10 @@ class Node:
             if not self._searching:
                 self._searching = True
                 self._runtime.spawn(self._find_room)
+
+    async def _answer(self, reply: str, failure: p.Failure) -> None:
+        if reply:
+            await self._wire.reply(reply, failure)
 
     def _admit(self, work: Work, priority: int) -> bool:
         """Offer ``work`` to the mailbox; False when the queue is full."""
@@ -766,6 +823,8 @@ class Node:
         if self._overflow:
             waiting = {entry.work.reply for entry in self._overflow}
             held.extend(reply for reply in ping.calls if reply in waiting)
+        if self._router.started:
+            held.extend(self._router.claims(ping.calls))
         await wire.reply(msg.reply, p.Pong(held, self._system_id))
 
     async def _on_abandon(self, msg: Message) -> None:
@@ -777,6 +836,8 @@ class Node:
             return
         work = self._inflight.get(frame.reply)
         if work is None:
+            if self._router.started and await self._router.abandon(frame.reply, frame.secret):
+                return  # a keyed request held here
             wire.stray_frames += 1  # finished already, or another instance has it
             return
         if work.seal and not p.seal_matches(work.seal, frame.secret):

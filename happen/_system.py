@@ -328,12 +328,16 @@ class System:
         nodes = list(self._nodes.values())
         with anyio.CancelScope(shield=True):
             for node in nodes:
+                await node.hand_over_keys()
+            for node in nodes:
                 await node.unsubscribe()
             with anyio.move_on_after(self._drain_timeout if timeout is None else timeout):
                 for mailbox in list(self._mailboxes.values()):
                     await mailbox.wait_drained()
             for node in nodes:
                 await node.fail_pending()
+            for node in nodes:
+                await node.release_keys()
             await runtime.cancel_tasks()
             runtime.processes.shutdown()
             for node in nodes:

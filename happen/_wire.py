@@ -43,6 +43,7 @@ __all__ = [
     "Failure",
     "Hold",
     "InboxFrame",
+    "Owners",
     "Ping",
     "Pong",
     "Request",
@@ -85,6 +86,9 @@ class Request(_Frame, tag="req"):
     seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
     forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
     key: str | None = None  # per-key order: at most one event of a key runs at a time
+    reply_to: str = ""  # passed on to the owner of the key: the caller's reply subject
+    routed: int = 0  # how many times the keyed event was passed between instances
+    handed: bool = False  # passed on by the key's owner to the instance it hands the key to
 
 
 class Result(_Frame, tag="res"):
@@ -219,6 +223,14 @@ class RoomOffer(_Frame, tag="offer"):
     free: int
 
 
+class Owners(_Frame, tag="owners"):
+    """The key partitions of a node changed hands: its instances read them again.
+
+    Published to ``{ns}.keys.{node_id}`` by the instance that wrote the change."""
+
+    instance: str
+
+
 InboxFrame = (
     Result
     | Failure
@@ -319,6 +331,7 @@ class Wire:
         self.abandon_decoder = codec.decoder(Abandon)
         self.ping_decoder = codec.decoder(Ping)
         self.room_decoder = codec.decoder(RoomAsk)
+        self.owners_decoder = codec.decoder(Owners)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._secret_hash = hashlib.blake2b(key=os.urandom(16), digest_size=SECRET_BYTES)
@@ -350,6 +363,10 @@ class Wire:
     def room_subject(self, node_id: str) -> str:
         """Questions of a full instance of ``node_id`` to its twins."""
         return f"{self.namespace}.room.{node_id}"
+
+    def keys_subject(self, node_id: str) -> str:
+        """News of the key partitions of ``node_id``, to all its instances."""
+        return f"{self.namespace}.keys.{node_id}"
 
     def broadcast_subject(self, suffix: str) -> str:
         return self._bcast_prefix + suffix
