@@ -51,11 +51,10 @@ class KeyTable:
     - ``holders``: key -> the event holding it.
     - ``waiting``: how many events wait for their key (behind its holder, or in a closed
       partition); the mailbox counts them in ``queued``.
-    - ``active``: how many keys are held by an event that has started (running, or between
-      two attempts).
+    - ``running``: the keys whose holder has started (running, or between two attempts);
+      ``len(running)`` is the ``keys_active`` gauge.
 
-    ``idle(partition)`` is called when the last event of a *watched* partition reached its
-    final outcome (``watch``).
+    Partitions cost nothing until one is closed or watched: only then are keys hashed.
     """
 
     __slots__ = (
@@ -64,42 +63,39 @@ class KeyTable:
         "_idle",
         "_kept",
         "_queues",
-        "_started",
         "_watched",
         "holders",
+        "running",
         "waiting",
     )
 
     def __init__(self) -> None:
         self.holders: dict[str, Any] = {}
         self.waiting = 0
+        self.running: set[str] = set()
         self._queues: dict[str, deque[Entry]] = {}
-        self._started: set[str] = set()
         self._kept: set[int] = set()  # ids of holders whose key outlives their current run
         self._closed: set[int] = set()
-        self._counts = [0] * PARTITIONS
         self._watched: set[int] = set()
+        self._counts: dict[int, int] = {}  # events of each watched partition
         self._idle: Callable[[int], None] | None = None
-
-    @property
-    def active(self) -> int:
-        return len(self._started)
 
     # ----- admission ------------------------------------------------------------------
 
-    def free_for(self, key: str, item: Any) -> bool:
-        """Whether ``item`` may take a slot now: nobody else holds its key (a retry holds it
-        itself) and its partition is open."""
+    def take(self, key: str, item: Any) -> bool:
+        """``item`` holds ``key`` now if it is free (nobody holds it and its partition is
+        open), or holds it already (a retry); False: it must ``wait``."""
         holder = self.holders.get(key)
-        if holder is not None:
-            return holder is item
-        return not self._closed or partition_of(key) not in self._closed
-
-    def hold(self, key: str, item: Any) -> None:
-        """``item`` holds ``key`` (it was ``free_for`` it)."""
-        if self.holders.get(key) is not item:
+        if holder is None:
+            if self._closed or self._watched:
+                partition = partition_of(key)
+                if partition in self._closed:
+                    return False
+                if partition in self._watched:
+                    self._counts[partition] += 1
             self.holders[key] = item
-            self._counts[partition_of(key)] += 1
+            return True
+        return holder is item
 
     def wait(self, key: str, entry: Entry) -> None:
         """``entry`` waits for ``key``."""
@@ -108,11 +104,10 @@ class KeyTable:
             queue = self._queues[key] = deque()
         queue.append(entry)
         self.waiting += 1
-        self._counts[partition_of(key)] += 1
-
-    def started(self, key: str) -> None:
-        """The holder of ``key`` was handed to a worker."""
-        self._started.add(key)
+        if self._watched:
+            partition = partition_of(key)
+            if partition in self._watched:
+                self._counts[partition] += 1
 
     # ----- the end of a holder --------------------------------------------------------
 
@@ -120,33 +115,38 @@ class KeyTable:
         """``item`` keeps its key when its current run ends (a retry will follow)."""
         self._kept.add(id(item))
 
-    def kept(self, item: Any) -> bool:
-        """Whether ``item``'s run ended with its key kept (the mark is used up)."""
-        marked = id(item)
-        if marked in self._kept:
-            self._kept.discard(marked)
-            return True
-        return False
+    def ran(self, key: str, item: Any) -> Entry | None:
+        """A run of ``item`` ended: it releases its key unless it keeps it (``keep``)."""
+        if self._kept:
+            marked = id(item)
+            if marked in self._kept:
+                self._kept.discard(marked)
+                return None
+        return self.release(key, item)
 
     def release(self, key: str, item: Any) -> Entry | None:
         """``item`` reached its final outcome: its key passes to the next waiting event, which
         is returned (it now holds the key), or is free. Nothing if ``item`` does not hold it."""
-        if self.holders.get(key) is not item:
+        holders = self.holders
+        if holders.get(key) is not item:
             return None
-        self._started.discard(key)
-        partition = partition_of(key)
+        self.running.discard(key)
         queue = self._queues.get(key)
-        if queue is None or (self._closed and partition in self._closed):
-            del self.holders[key]
-            self._ended(partition)
-            return None
-        entry = queue.popleft()
-        if not queue:
-            del self._queues[key]
-        self.waiting -= 1
-        self.holders[key] = entry[2]
-        self._counts[partition] -= 1  # the holder ended; its successor was counted already
-        return entry
+        if queue is not None and not (self._closed and partition_of(key) in self._closed):
+            entry = queue.popleft()
+            if not queue:
+                del self._queues[key]
+            self.waiting -= 1
+            holders[key] = entry[2]
+            if self._watched:  # the holder ended; its successor was counted already
+                partition = partition_of(key)
+                if partition in self._watched:
+                    self._counts[partition] -= 1
+            return entry
+        del holders[key]
+        if self._watched:
+            self._ended(partition_of(key))
+        return None
 
     def withdraw(self, key: str, item: Any) -> bool:
         """Take a waiting ``item`` out (its caller gave up): True if it was waiting."""
@@ -159,32 +159,39 @@ class KeyTable:
                 if not queue:
                     del self._queues[key]
                 self.waiting -= 1
-                self._ended(partition_of(key))
+                if self._watched:
+                    self._ended(partition_of(key))
                 return True
         return False
 
     def _ended(self, partition: int) -> None:
-        counts = self._counts
-        counts[partition] -= 1
-        if not counts[partition] and partition in self._watched and self._idle is not None:
-            self._idle(partition)
+        if partition in self._watched:
+            self._counts[partition] -= 1
+            if not self._counts[partition] and self._idle is not None:
+                self._idle(partition)
 
     # ----- partitions -----------------------------------------------------------------
 
     def count(self, partition: int) -> int:
         """Events of ``partition`` in this table: holding their key or waiting for it."""
-        return self._counts[partition]
+        held = sum(1 for key in self.holders if partition_of(key) == partition)
+        return held + sum(
+            len(queue) for key, queue in self._queues.items() if partition_of(key) == partition
+        )
 
     def watch(self, partition: int, idle: Callable[[int], None]) -> None:
         """Call ``idle(partition)`` once its last event has reached its final outcome (at
         once if it has none)."""
         self._idle = idle
-        self._watched.add(partition)
+        if partition not in self._watched:
+            self._watched.add(partition)
+            self._counts[partition] = self.count(partition)
         if not self._counts[partition]:
             idle(partition)
 
     def unwatch(self, partition: int) -> None:
         self._watched.discard(partition)
+        self._counts.pop(partition, None)
 
     def close(self, partition: int) -> None:
         """No event of ``partition`` takes a slot until it opens (holders already running
@@ -223,12 +230,13 @@ class KeyTable:
             queue = self._queues.pop(key)
             taken.extend(queue)
             self.waiting -= len(queue)
-            self._counts[partition_of(key)] -= len(queue)
+            if self._watched:
+                for _ in queue:
+                    self._ended(partition_of(key))
         if partition is None:
             self.holders.clear()
-            self._started.clear()
+            self.running.clear()
             self._kept.clear()
-            self._counts = [0] * PARTITIONS
         taken.sort(key=_arrival)
         return [entry[2] for entry in taken]
 

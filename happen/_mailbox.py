@@ -209,7 +209,7 @@ class Mailbox(Generic[Item]):
             state_reads=self.state_reads,
             state_writes=self.state_writes,
             state_conflicts=self.state_conflicts,
-            keys_active=self.keys.active,
+            keys_active=len(self.keys.running),
             keyed_waiting=self.keys.waiting,
         )
 
@@ -236,22 +236,21 @@ class Mailbox(Generic[Item]):
         return True
 
     def _offer_keyed(self, item: Item, key: str, priority: int) -> bool:
+        full = self.queued >= self._limit
+        if full and self.active >= self._max:
+            return False
         keys = self.keys
-        if keys.free_for(key, item):
+        if keys.take(key, item):
             if self.active < self._max:  # (then nothing eligible is queued)
-                keys.hold(key, item)
                 self.active += 1
                 self.accepted += 1
                 self._ready.append(item)
                 if not self._waking:
                     self._wake_one()
                 return True
-            if self.queued >= self._limit:
-                return False
-            keys.hold(key, item)
             self._queue((next(self._seq), priority, item))
         else:
-            if self.queued >= self._limit:
+            if full:
                 return False
             keys.wait(key, (next(self._seq), priority, item))
         self.queued += 1
@@ -389,12 +388,14 @@ class Mailbox(Generic[Item]):
                     self._wake_one()
                 key = item.key
                 if key is not None:
-                    self.keys.started(key)
+                    self.keys.running.add(key)
                 try:
                     await self._run(item, scope)
                 finally:
-                    if key is not None:
-                        self._settle_key(item, key)
+                    if key is not None:  # unless it keeps it, the key's next item holds
+                        entry = self.keys.ran(key, item)  # it and queues, so that the slot
+                        if entry is not None:  # freed goes to the oldest eligible item
+                            self._queue(entry)
                     self._free_slot()  # however the item ended: done, abandoned, stopped
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
@@ -409,16 +410,6 @@ class Mailbox(Generic[Item]):
                 if signal in self._idle:
                     self._idle.remove(signal)
                 raise
-
-    def _settle_key(self, item: Item, key: str) -> None:
-        """A keyed item's run ended: unless it keeps its key, the key's next item holds it
-        and queues, so the slot being freed goes to the oldest eligible item."""
-        keys = self.keys
-        if keys.kept(item):
-            return
-        entry = keys.release(key, item)
-        if entry is not None:
-            self._queue(entry)
 
     def _free_slot(self) -> None:
         """An item finished: its slot goes to the next eligible item, or is released."""

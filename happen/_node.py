@@ -6,7 +6,7 @@ import heapq
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -220,7 +220,7 @@ class Node:
             wire=wire,
             runtime=runtime,
             lease=liveness_timeout,
-            accept=self._accept,
+            accept=self._accept_held,
             answer=self._answer,
         )
 
@@ -611,18 +611,19 @@ class Node:
                 await wire.reply(reply, p.Ack())
             return
         if req.key is not None:
-            await self._route_keyed(req, reply)
-        else:
-            await self._accept(req, reply)
+            where = self._router.route(req)
+            if where != "":
+                await self._pass_keyed(req, reply, where)
+                return
+        follow = self._accept(req, reply)
+        if follow is not None:
+            await follow
 
-    async def _route_keyed(self, req: p.Request, reply: str) -> None:
-        """A keyed request runs where its key's partition is owned: here, or passed on to
-        the owning instance, or held until the partition has a live owner."""
+    async def _pass_keyed(self, req: p.Request, reply: str, where: str | None) -> None:
+        """A keyed request this instance does not run now: passed on to the instance that
+        owns its key's partition, or held until the partition has a live owner."""
         router = self._router
-        where = router.route(req)
-        if where == "":
-            await self._accept(req, reply)
-        elif where is not None:
+        if where is not None:
             await router.forward(req, reply, where)
         elif not router.hold(req, reply):
             why = router.failure()
@@ -632,29 +633,26 @@ class Node:
                 self._mailbox.rejected += 1
                 await self._answer(reply, p.Failure(p.UNAVAILABLE, why))
 
-    async def _accept(self, req: p.Request, reply: str) -> None:
-        """Admit a request this instance runs (or refuse it, or look for a twin with room)."""
-        wire = self._wire
+    def _accept(self, req: p.Request, reply: str) -> Coroutine[Any, Any, None] | None:
+        """Admit a request this instance runs (or refuse it, or look for a twin with room).
+
+        Returns the answer still to be awaited (a refusal, a pressure hold), or None: the
+        common case costs no coroutine."""
         mailbox = self._mailbox
         if not self._runtime.accepting:
             mailbox.rejected += 1
-            if reply:
-                await wire.reply(reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
-            return
+            return self._answer(reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
         handler = self._handlers.select(req.type)
         if handler is None:
             mailbox.rejected += 1
-            if reply:
-                message = f"node {self.id!r} has no handler for event type {req.type!r}"
-                await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
-            return
+            message = f"node {self.id!r} has no handler for event type {req.type!r}"
+            return self._answer(reply, p.Failure(p.NO_HANDLER, message))
         payload = req.payload
         if handler.convert is not None:
             try:
                 payload = handler.convert(payload)
             except ValidationError as exc:
-                await self._refuse_payload(req.type, exc, reply)
-                return
+                return self._refuse_payload(req.type, exc, reply)
         context = req.context or external_context(self._ids)
         deadline = None
         if req.timeout_ms is not None:
@@ -665,16 +663,23 @@ class Node:
         work = Work(event, handler, reply, window, deadline, req.seal, req.origin, key)
         if self._admit(work, req.priority):
             if reply and (req.probe or mailbox.holds_senders):  # (else nothing to say now)
-                await self._acknowledge(work, req)
-        elif req.forwarded or key is not None or not self._twins:
+                return self._acknowledge(work, req)
+            return None
+        if req.forwarded or key is not None or not self._twins:
             # (refused at once: no twin to ask, or a keyed event, which runs where its key
             # is owned and nowhere else)
-            await self._refuse_full(reply)
-        else:
-            self._overflow.append(Overflow(req, work))
-            if not self._searching:
-                self._searching = True
-                self._runtime.spawn(self._find_room)
+            return self._refuse_full(reply)
+        self._overflow.append(Overflow(req, work))
+        if not self._searching:
+            self._searching = True
+            self._runtime.spawn(self._find_room)
+        return None
+
+    async def _accept_held(self, req: p.Request, reply: str) -> None:
+        """``_accept`` for a keyed request that was held here."""
+        follow = self._accept(req, reply)
+        if follow is not None:
+            await follow
 
     async def _answer(self, reply: str, failure: p.Failure) -> None:
         if reply:
