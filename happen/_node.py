@@ -136,15 +136,17 @@ class RoomSearch:
 
 class TwinCensus:
     """The route that hears every twin of a node answer its first ``room`` question (the
-    census it makes when it subscribes): each answer names a twin."""
+    census it makes when it subscribes): each answer names a twin, and says whether the
+    twins share the node's keys (then this instance joins them: ``keys_in_use``)."""
 
-    __slots__ = ("target", "twins")
+    __slots__ = ("keys_in_use", "target", "twins")
     abandoned = False
     secret = ""  # the route protocol's field: nothing to prove
 
-    def __init__(self, node_id: str, twins: set[str]) -> None:
+    def __init__(self, node_id: str, twins: set[str], keys_in_use: Callable[[], None]) -> None:
         self.target = node_id
         self.twins = twins
+        self.keys_in_use = keys_in_use
 
     def feed(self, frame: Any) -> None:
         if type(frame) is p.RoomOffer:
@@ -152,6 +154,8 @@ class TwinCensus:
                 self.twins.add(validate_node_id(frame.instance))
             except InvalidIdError:
                 return
+            if frame.keys:
+                self.keys_in_use()
 
 
 class Node:
@@ -199,6 +203,7 @@ class Node:
         self._direct: Subscription | None = None  # the point-to-point subscription
         self._instance: Subscription | None = None  # requests for this instance only
         self._rooms: Subscription | None = None  # twins asking for room
+        self._keys_news: Subscription | None = None  # changes of the key partitions
         self._twins: set[str] = set()  # system ids of the node's other instances, as heard
         self._census = ""  # the inbox token of the twin census
         self._pings: Subscription | None = None  # liveness pings of callers
@@ -506,8 +511,13 @@ class Node:
             # Pings first: an instance that can be handed a request answers for it.
             self._pings = await transport.subscribe(wire.ping_subject(self.id), self._on_ping)
             self._rooms = await transport.subscribe(wire.room_subject(self.id), self._on_room)
+            self._keys_news = await transport.subscribe(
+                wire.keys_subject(self.id), self._on_keys_news
+            )
             # A census: every twin answers (and so learns of this instance too).
-            self._census = wire.register_probe(TwinCensus(self.id, self._twins))
+            self._census = wire.register_probe(
+                TwinCensus(self.id, self._twins, self._router.join)
+            )
             await wire.publish(
                 wire.room_subject(self.id),
                 p.RoomAsk(self._system_id, 0),
@@ -543,8 +553,8 @@ class Node:
 
     async def close(self) -> None:
         """Stop hearing anything: every call this instance held has been answered."""
-        subs = [self._pings, self._cancels]
-        self._pings = self._cancels = None
+        subs = [self._pings, self._cancels, self._keys_news]
+        self._pings = self._cancels = self._keys_news = None
         self._wire.forget(self._census)
         await _unsubscribe_all(subs)
 
@@ -810,7 +820,20 @@ class Node:
             wire.report_bad_input(f"node {self.id!r} room", exc)
             return
         free = self._mailbox.room() if not self._overflow else 0
-        await wire.reply(msg.reply, p.RoomOffer(self._system_id, max(free, 0)))
+        await wire.reply(
+            msg.reply, p.RoomOffer(self._system_id, max(free, 0), self._router.started)
+        )
+
+    async def _on_keys_news(self, msg: Message) -> None:
+        """An instance changed the node's key partitions: read them (and join them)."""
+        wire = self._wire
+        try:
+            news = wire.owners_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} keys", exc)
+            return
+        if news.instance != self._system_id:
+            self._router.news()
 
     # ----- liveness -----------------------------------------------------------------
 

@@ -257,7 +257,6 @@ class KeyRouter:
         self._lock: anyio.Lock | None = None
         self._wake: Any = None
         self._wanted = False  # a sync is wanted (news arrived while one ran)
-        self._subscription: Any = None
         self._failure: tuple[float, str] | None = None  # (until, why) the bucket failed
         self._solo = False
         self._closed = False  # the system stopped: nothing held is sent on any more
@@ -384,6 +383,18 @@ class KeyRouter:
 
     # ----- starting ---------------------------------------------------------------------
 
+    def join(self) -> None:
+        """Take part in the node's key partitions now (its twins use keys)."""
+        if not self.started and self._runtime.accepting:
+            self._start()
+
+    def news(self) -> None:
+        """Another instance changed the record: read it (joining if this one has not)."""
+        if self.started:
+            self._want_sync()
+        else:
+            self.join()
+
     def _start(self) -> None:
         self.started = True
         self._lock = anyio.Lock()
@@ -410,13 +421,6 @@ class KeyRouter:
 
     async def _keep(self) -> None:
         """Renew the lease, follow the record, finish handovers, until the system stops."""
-        wire = self._wire
-        try:
-            self._subscription = await self._wire.transport.subscribe(  # type: ignore[union-attr]
-                wire.keys_subject(self.node_id), self._on_news
-            )
-        except HappenError as exc:
-            log.warning("node %r could not hear key partition news: %s", self.node_id, exc)
         next_beat = 0.0
         while True:
             now = anyio.current_time()
@@ -445,15 +449,6 @@ class KeyRouter:
         self._wanted = True
         if self._wake is not None:
             self._wake.set()
-
-    async def _on_news(self, msg: Any) -> None:
-        try:
-            news = self._wire.owners_decoder.decode(msg.data)
-        except HappenError as exc:
-            self._wire.report_bad_input(f"node {self.node_id!r} keys", exc)
-            return
-        if news.instance != self._me:
-            self._want_sync()
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -782,11 +777,6 @@ class KeyRouter:
                 await self._answer(held.reply, p.stopped(self.node_id))
         self._held.clear()
         self._held_parts = [0] * PARTITIONS
-        if self._subscription is not None:
-            try:
-                await self._subscription.unsubscribe()
-            except Exception:
-                log.debug("unsubscribe failed while stopping", exc_info=True)
 
     def parked(self) -> list[Any]:
         """Events admitted for partitions this instance was receiving (they cannot run here

@@ -221,6 +221,7 @@ class RoomOffer(_Frame, tag="offer"):
 
     instance: str
     free: int
+    keys: bool = False  # the twin takes part in the node's key partitions
 
 
 class Owners(_Frame, tag="owners"):
