@@ -46,9 +46,10 @@ class NodeStats(msgspec.Struct, frozen=True):
 
     Per-key order (``key=`` on ``send`` and ``stream``): ``keys_active`` is how many keys
     are held by an event that has started (running, or waiting between attempts);
-    ``keyed_waiting`` how many keyed events wait for their key (behind an earlier event of
-    the key, or for their key's partition to reach this instance): they are part of
-    ``queued`` and hold no slot.
+    ``keyed_waiting`` how many keyed events wait for their key: behind an earlier event of
+    the key (these are part of ``queued`` and hold no slot), or, not admitted yet, for their
+    key's partition to come to this instance or to have a live owner again (during a
+    handover or after a crash: counted in ``accepted`` or ``forwarded`` once they go on).
     """
 
     active: int

@@ -466,7 +466,11 @@ class Node:
 
     def stats(self) -> NodeStats:
         """A snapshot of this node's flow control and counts."""
-        return self._mailbox.stats()
+        stats = self._mailbox.stats()
+        held = self._router.held
+        if held:  # keyed events waiting here for their key's partition (not admitted yet)
+            return msgspec.structs.replace(stats, keyed_waiting=stats.keyed_waiting + held)
+        return stats
 
     # ----- state --------------------------------------------------------------------
 
@@ -515,9 +519,7 @@ class Node:
                 wire.keys_subject(self.id), self._on_keys_news
             )
             # A census: every twin answers (and so learns of this instance too).
-            self._census = wire.register_probe(
-                TwinCensus(self.id, self._twins, self._router.join)
-            )
+            self._census = wire.register_probe(TwinCensus(self.id, self._twins, self._router.join))
             await wire.publish(
                 wire.room_subject(self.id),
                 p.RoomAsk(self._system_id, 0),
@@ -572,12 +574,7 @@ class Node:
 
     async def hand_over_keys(self) -> None:
         """The system stops: the key partitions this instance owns go to its twins (new
-        keyed events go there; the ones admitted here finish first), and keyed events
-        waiting for a partition it was receiving fail with ``unavailable``."""
-        if not self._router.started:
-            return
-        for work in self._router.parked():
-            await self._fail_unstarted(work, p.stopped(self.id))
+        keyed events go there; the ones admitted here finish first)."""
         await self._router.leave()
 
     async def release_keys(self) -> None:

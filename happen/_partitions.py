@@ -67,8 +67,9 @@ BEATS = 5
 FENCE = 0.6
 #: Seconds a request passed on to an owner may still come back with "no responders".
 RELAY_WAIT = 2.0
-#: Times a keyed request is passed between instances before it waits for the record to change.
-MAX_ROUTED = 3
+#: Times a keyed request may be passed between instances (each instance reads the record
+#: before it passes on a request passed to it, so views agree again within a hop or two).
+MAX_ROUTED = 16
 #: Compare-and-set attempts of one rewrite of the record.
 ATTEMPTS = 16
 #: Held requests wait at most this many leases for their partition to get a live owner.
@@ -277,7 +278,7 @@ class KeyRouter:
                 return None  # the system stops: held until its partitions are handed over
             return where  # "": ours; None: no owner known yet
         if request.handed and self._roles[partition] is Role.INCOMING:
-            return ""  # from the owner handing it over: queued here, started later
+            return None  # from the owner handing it over: held here until the handover
         if where in self._suspects:
             return None
         if request.routed:
@@ -292,12 +293,17 @@ class KeyRouter:
         queue has no room for it (the caller is then refused as by a full queue)."""
         if self._failure is not None and self._failure[0] > anyio.current_time():
             return False
-        if self._mailbox.queued + len(self._held) >= self._mailbox.settings.queue_limit:
+        if len(self._held) >= self._mailbox.room():  # (free slots and queue places)
             return False
         partition = partition_of(request.key)  # type: ignore[arg-type]
         self._held.append(Held(request, reply, partition, anyio.current_time()))
         self._held_parts[partition] += 1
         return True
+
+    @property
+    def held(self) -> int:
+        """Keyed requests held here (not admitted yet): waiting for their partition."""
+        return len(self._held)
 
     def failure(self) -> str | None:
         """Why keyed requests cannot be held now (the bucket failed recently), if so."""
@@ -309,6 +315,14 @@ class KeyRouter:
         """Pass ``request`` on to ``instance`` (the owner of its key, or the one receiving it);
         answers of the owner go to the caller directly."""
         wire = self._wire
+        if request.routed >= MAX_ROUTED:
+            self._mailbox.rejected += 1
+            message = (
+                f"node {self.node_id!r}: the keyed event was passed between instances "
+                f"{request.routed} times without finding the owner of its key; send it again"
+            )
+            await self._answer(reply, p.Failure(p.UNAVAILABLE, message))
+            return
         relay = Relay(self, request, reply, instance)
         relay.token = token = wire.register_probe(relay)
         now = anyio.current_time()
@@ -468,18 +482,14 @@ class KeyRouter:
                 table = self._decode(entry)
                 now = anyio.current_time()
                 self._observe(table, now)
-                dead = {
-                    m for m in table.members if m != self._me and self._is_dead(m, now)
-                }
+                dead = {m for m in table.members if m != self._me and self._is_dead(m, now)}
                 new = rebalance(
                     table, self._me, dead=dead, completed=completed, beat=beat, mode=self._mode
                 )
                 if new == table and entry is not None:
                     break
                 try:
-                    await kv.put(
-                        self.node_id, _encode(new), expect=entry.revision if entry else 0
-                    )
+                    await kv.put(self.node_id, _encode(new), expect=entry.revision if entry else 0)
                 except RevisionMismatch as exc:
                     entry = exc.current
                     continue
@@ -506,8 +516,7 @@ class KeyRouter:
                 if table.partitions == PARTITIONS:
                     return table
                 log.error(
-                    "node %r: the key record has %d partitions, this version %d; "
-                    "writing it anew",
+                    "node %r: the key record has %d partitions, this version %d; writing it anew",
                     self.node_id,
                     table.partitions,
                     PARTITIONS,
@@ -589,8 +598,8 @@ class KeyRouter:
                 role = Role.CLOSING
                 self._where[q] = coming
             elif coming == me:
-                # Events reach it through the owner only, until the handover is done: so the
-                # owner's order is the only order there is.
+                # Events reach it through the owner only, and wait here (not admitted) until
+                # the handover is done: so the owner's order is the only order there is.
                 role = Role.INCOMING
                 self._where[q] = owner or None
             else:
@@ -622,11 +631,7 @@ class KeyRouter:
         answered ``unavailable``."""
         for q in range(PARTITIONS):
             role = self._roles[q]
-            closed = (
-                role is Role.INCOMING
-                or q in self._opens_at
-                or (self._fenced and role in (Role.OWN, Role.CLOSING))
-            )
+            closed = q in self._opens_at or (self._fenced and role in (Role.OWN, Role.CLOSING))
             self._gate(q, closed, stranded=role is Role.ELSEWHERE)
 
     def _gate(self, q: int, closed: bool, *, stranded: bool = False) -> None:
@@ -683,12 +688,10 @@ class KeyRouter:
         where = self._where[partition]
         if where == "" and not self._runtime.accepting and self._mode == "member":
             return None  # the system stops, and has not handed its partitions over yet
-        if where and request.handed and self._roles[partition] is Role.INCOMING:
-            return ""
+        if request.handed and self._roles[partition] is Role.INCOMING:
+            return None  # the handover is not done yet
         if where is None or where in self._suspects:
             return None
-        if where and request.routed >= MAX_ROUTED:
-            return None  # passed around enough: wait for the record to change
         return where
 
     async def _redispatch(self) -> None:
@@ -777,15 +780,6 @@ class KeyRouter:
                 await self._answer(held.reply, p.stopped(self.node_id))
         self._held.clear()
         self._held_parts = [0] * PARTITIONS
-
-    def parked(self) -> list[Any]:
-        """Events admitted for partitions this instance was receiving (they cannot run here
-        now that it stops): taken out of the mailbox, to be failed."""
-        works: list[Any] = []
-        for q in range(PARTITIONS):
-            if self._roles[q] is Role.INCOMING:
-                works.extend(self._mailbox.take_waiting(q))
-        return works
 
     async def _sync_quietly(self) -> None:
         with anyio.move_on_after(self._lease):
