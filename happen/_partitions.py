@@ -65,8 +65,9 @@ BEATS = 5
 #: Fraction of the lease after the start of its last renewal at which an owner stops starting
 #: keyed events (it must stop before any other instance can find it dead, after a lease).
 FENCE = 0.6
-#: Seconds a request passed on to an owner may still come back with "no responders".
-RELAY_WAIT = 2.0
+#: The part of the lease during which a request passed on to an owner may still come back
+#: with "no responders" (a round trip; meanwhile the passing instance answers for it).
+RELAY_WAIT = 0.25
 #: Times a keyed request may be passed between instances (each instance reads the record
 #: before it passes on a request passed to it, so views agree again within a hop or two).
 MAX_ROUTED = 16
@@ -327,7 +328,7 @@ class KeyRouter:
         relay.token = token = wire.register_probe(relay)
         now = anyio.current_time()
         self._sweep(now)
-        self._relays.append((now + RELAY_WAIT, token, relay))
+        self._relays.append((now + RELAY_WAIT * self._lease, token, relay))
         handed = self._roles[partition_of(request.key)] is Role.CLOSING  # type: ignore[arg-type]
         frame = msgspec.structs.replace(
             request, reply_to=reply, routed=request.routed + 1, handed=handed
@@ -377,6 +378,7 @@ class KeyRouter:
         """Which of ``replies`` this router holds (held, or passed on a moment ago)."""
         if not self._held and not self._relays:
             return []
+        self._sweep(anyio.current_time())  # (a relay answers for its request a moment only)
         mine = {h.reply for h in self._held if not h.gone}
         mine.update(relay.reply for _, _, relay in self._relays if not relay.bounced)
         return [reply for reply in replies if reply in mine]
@@ -447,6 +449,7 @@ class KeyRouter:
             except HappenError as exc:
                 await self._sync_failed(exc)
             now = anyio.current_time()
+            self._sweep(now)
             self._fence(now)
             self._open_due(now)
             await self._redispatch()
