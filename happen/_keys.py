@@ -16,6 +16,7 @@ instance handing a partition over knows when the last one has reached its final 
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ __all__ = ["PARTITIONS", "KeyTable", "Keyed", "partition_of"]
 PARTITIONS = 64
 
 
+# Keys repeat (an account's events): remember the recent ones.
+@functools.lru_cache(maxsize=4096)
 def partition_of(key: str) -> int:
     """The partition of ``key``: CRC-32 of its UTF-8 bytes, modulo ``PARTITIONS``."""
     return zlib.crc32(key.encode()) % PARTITIONS

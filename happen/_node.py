@@ -18,7 +18,7 @@ from happen._calls import Caller, Stream
 from happen._errors import CodecError, HappenError, InvalidIdError, ValidationError
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
-from happen._ids import validate_event_type, validate_key, validate_node_id
+from happen._ids import MAX_KEY, validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
 from happen._partitions import KeyRouter
@@ -600,8 +600,9 @@ class Node:
         try:
             req = wire.request_decoder.decode(msg.data)
             validate_event_type(req.type)
-            if req.key is not None:
-                validate_key(req.key)
+            key = req.key
+            if key is not None and not (0 < len(key) <= MAX_KEY and key.isascii()):
+                validate_key(key)  # (the common case checked cheaply)
         except (CodecError, InvalidIdError) as exc:
             mailbox.rejected += 1
             wire.report_bad_input(f"node {self.id!r}", exc)

@@ -270,7 +270,7 @@ class KeyRouter:
         on, ``None`` to hold it (``hold``)."""
         if not self.started:
             self._start()
-        partition = partition_of(request.key)  # type: ignore[arg-type]  # a keyed request
+        partition = partition_of(request.key)  # (a keyed request)
         if self._held_parts[partition]:
             return None  # earlier requests of the partition are held: keep their order
         where = self._where[partition]
@@ -296,7 +296,7 @@ class KeyRouter:
             return False
         if len(self._held) >= self._mailbox.room():  # (free slots and queue places)
             return False
-        partition = partition_of(request.key)  # type: ignore[arg-type]
+        partition = partition_of(request.key)
         self._held.append(Held(request, reply, partition, anyio.current_time()))
         self._held_parts[partition] += 1
         return True
@@ -329,7 +329,7 @@ class KeyRouter:
         now = anyio.current_time()
         self._sweep(now)
         self._relays.append((now + RELAY_WAIT * self._lease, token, relay))
-        handed = self._roles[partition_of(request.key)] is Role.CLOSING  # type: ignore[arg-type]
+        handed = self._roles[partition_of(request.key)] is Role.CLOSING
         frame = msgspec.structs.replace(
             request, reply_to=reply, routed=request.routed + 1, handed=handed
         )
@@ -368,7 +368,7 @@ class KeyRouter:
         self._wire.forget(relay.token)
         self._suspects.add(relay.instance)
         request, reply = relay.request, relay.reply
-        partition = partition_of(request.key)  # type: ignore[arg-type]
+        partition = partition_of(request.key)
         held = Held(request, reply, partition, anyio.current_time())
         self._held.appendleft(held)  # it came before the partition's others held since
         self._held_parts[partition] += 1
