@@ -597,3 +597,75 @@ async def test_a_bucket_that_fails_fails_keyed_calls_with_the_reason() -> None:
         assert "cannot order keys across its instances" in str(failed.value)
         assert await client.send("ledger", {"type": "op"}) == "ran"  # unkeyed: as ever
     assert ledger.stats().rejected >= 1
+
+
+# ----- the grants of docs/keys-and-state.md ---------------------------------------------------
+
+
+def key_grants(ns: str, node: str) -> str:
+    """nats-server users: ``host`` has what docs/keys-and-state.md lists for serving ``node``
+    with keys (and ``NS.>`` / any inbox for the rest), ``nokeys`` the same without the
+    JetStream grants of the key bucket."""
+    bucket = f"KV_happen_{ns}_keys"
+    core = [f"{ns}.>", "_INBOX.>"]
+    keys = [
+        f"$JS.API.STREAM.INFO.{bucket}",
+        f"$JS.API.STREAM.CREATE.{bucket}",
+        f"$JS.API.STREAM.MSG.GET.{bucket}",
+        f"$KV.happen_{ns}_keys.{node}",
+    ]
+
+    def user(name: str, publish: list[str]) -> str:
+        allow = ", ".join(f'"{subject}"' for subject in [*core, *publish])
+        subscribe = ", ".join(f'"{subject}"' for subject in core)
+        return (
+            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
+            f"        publish: {{ allow: [{allow}] }}\n"
+            f"        subscribe: {{ allow: [{subscribe}] }}\n"
+            "    } }\n"
+        )
+
+    return "authorization {\n  users = [\n" + user("host", keys) + user("nokeys", []) + "  ]\n}\n"
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_documented_key_grants_are_enough(tmp_path: Any) -> None:
+    from happen.transports.nats import NatsTransport
+    from tests.conftest import NatsServer
+
+    ns = unique_namespace()
+    config = tmp_path / "auth.conf"
+    config.write_text(key_grants(ns, "ledger"))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+
+        def as_user(name: str) -> happen.System:
+            transport = NatsTransport(
+                server.url, user=name, password="secret", jetstream_timeout=0.5
+            )
+            return happen.System(transport=transport, namespace=ns, liveness_timeout=2.0)
+
+        recorder = Recorder()
+        hosts = [as_user("host"), as_user("host")]
+        nodes = []
+        for index, system in enumerate(hosts):
+            node = system.create_node("ledger")
+            node.on("op", recorder.handler(f"i{index}"))
+            nodes.append(node)
+        client_system = as_user("host")
+        senders = [client_system.create_node("sender")]
+        async with _all(*hosts, client_system):
+            for node in nodes:
+                await subscriptions_live(node)
+            assert await rounds(senders, nodes, rounds=4, keys=40) == []
+        no_overlap_and_in_order(recorder, keys=40, rounds=4)
+        ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
+        assert ran_on == {"i0", "i1"}
+
+        async with as_user("nokeys") as denied:  # without the grants of the key bucket
+            other = denied.create_node("ledger")
+            other.on("op", lambda event, context: "ran")
+            client = denied.create_node("client")
+            assert await client.send("ledger", {"type": "op"}) == "ran"
+            with pytest.raises(happen.TransportError, match=f"happen_{ns}_keys"):
+                await client.send("ledger", {"type": "op"}, key="a", timeout=WAIT)

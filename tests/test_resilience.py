@@ -518,16 +518,16 @@ authorization {
     { user: "host-a", password: "pa",
       permissions: {
         subscribe: { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X", "NS.room.X",
-                             "NS.inst.X.*", "_INBOX.hostA.>"] }
+                             "NS.keys.X", "NS.inst.X.*", "_INBOX.hostA.>"] }
         publish:   { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z",
-                             "NS.room.X", "NS.inst.X.*", "_INBOX.>"] }
+                             "NS.room.X", "NS.keys.X", "NS.inst.X.*", "_INBOX.>"] }
       } }
     { user: "host-z", password: "pz",
       permissions: {
         subscribe: { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z", "NS.room.Z",
-                             "NS.inst.Z.*", "_INBOX.hostZ.>"] }
+                             "NS.keys.Z", "NS.inst.Z.*", "_INBOX.hostZ.>"] }
         publish:   { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X",
-                             "NS.room.Z", "NS.inst.Z.*", "_INBOX.>"] }
+                             "NS.room.Z", "NS.keys.Z", "NS.inst.Z.*", "_INBOX.>"] }
       } }
   ]
 }
