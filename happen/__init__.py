@@ -2,6 +2,7 @@
 
 from happen._calls import Stream
 from happen._config import ConcurrencySettings
+from happen._delivery import Backoff, DeliverySettings
 from happen._errors import (
     CodecError,
     HandlerError,
@@ -13,6 +14,8 @@ from happen._errors import (
     NoHandlerError,
     PayloadTooLargeError,
     QueueFullError,
+    Reject,
+    Retry,
     SendTimeout,
     SystemStoppedError,
     TransportError,
@@ -28,12 +31,14 @@ from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
 __all__ = [
+    "Backoff",
     "CallNext",
     "CallObserver",
     "CallWatch",
     "CausalContext",
     "CodecError",
     "ConcurrencySettings",
+    "DeliverySettings",
     "Event",
     "HandlerError",
     "HappenError",
@@ -49,6 +54,8 @@ __all__ = [
     "NodeStats",
     "PayloadTooLargeError",
     "QueueFullError",
+    "Reject",
+    "Retry",
     "SendTimeout",
     "StateConflict",
     "StateView",

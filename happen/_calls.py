@@ -58,11 +58,14 @@ def failure_to_error(frame: p.Failure, target: str, event_type: str | None = Non
     """The exception a caller sees for a failure reply from node ``target``."""
     code = frame.code
     if code == p.HANDLER_ERROR:
+        attempts = frame.attempts
+        after = f" (after {attempts} attempts)" if attempts > 1 else ""
         return HandlerError(
-            f"handler on node {target!r} raised {frame.error_type}: {frame.message}",
+            f"handler on node {target!r} raised {frame.error_type}: {frame.message}{after}",
             remote_type=frame.error_type,
             remote_message=frame.message,
             node_id=target,
+            attempts=attempts,
         )
     if code == p.QUEUE_FULL:
         return QueueFullError(
@@ -583,8 +586,10 @@ class Caller:
         priority: int,
         call: Call,
         trace: str | None = None,
+        event_id: str | None = None,
     ) -> tuple[p.Request, bytes]:
-        """The request frame and its encoding (encoded now, so bad payloads fail here)."""
+        """The request frame and its encoding (encoded now, so bad payloads fail here);
+        ``event_id`` is the event's id (a new one when left out)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         timeout_ms = None
@@ -594,7 +599,7 @@ class Caller:
             # The node's deadline is a little earlier than the caller's, so that the node's
             # own "timed out" answer (naming the handler) arrives before the caller gives up.
             timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
-        context = new_context(self._ids, sender, trace)
+        context = new_context(self._ids, sender, trace, event_id)
         frame = p.Request(
             event_type,
             payload,
@@ -615,6 +620,8 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        *,
+        event_id: str | None = None,
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
         result: Any
@@ -627,10 +634,13 @@ class Caller:
                 payload,
                 timeout,
                 priority,
+                event_id,
             )
         else:
             call = Call(self, target_id)
-            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, call, None, event_id
+            )
             first = await self._open_within(timeout, call, frame, data)
             if type(first) is p.Result:
                 if convert is None:
@@ -651,11 +661,12 @@ class Caller:
         payload: Any,
         timeout: float | None,
         priority: int,
+        event_id: str | None = None,
     ) -> Any:
         try:
             call = Call(self, target_id)
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, watch.trace
+                sender, event_type, payload, timeout, priority, call, watch.trace, event_id
             )
             first = await self._open_within(timeout, call, frame, data)
         except BaseException as exc:

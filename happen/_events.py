@@ -68,6 +68,9 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
 
     In a handler of a streamed broadcast, ``stream`` is an async iterator of the items the
     broadcaster publishes; otherwise it is ``None``.
+
+    ``delivery`` is the attempt number, 1 on the first execution of this event on its node,
+    2 on the first retry, and so on (see the node's ``max_attempts``).
     """
 
     type: str
@@ -76,6 +79,7 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
         default_factory=lambda: CausalContext(id="", sender="", correlation_id="")
     )
     stream: AsyncIterator[Any] | None = None
+    delivery: int = 1
 
 
 #: The event whose handler is running in the current task (None outside handlers).
@@ -103,13 +107,17 @@ def external_context(ids: IdGenerator) -> CausalContext:
     return CausalContext(event_id, "external", event_id, ("external",))
 
 
-def new_context(ids: IdGenerator, sender: str, trace: str | None = None) -> CausalContext:
+def new_context(
+    ids: IdGenerator, sender: str, trace: str | None = None, event_id: str | None = None
+) -> CausalContext:
     """The context of an event sent by ``sender`` now, inheriting from the running handler.
 
     Constant cost per hop: the path keeps its last ``PATH_LENGTH`` ids and ``hops`` counts.
-    ``trace`` (the sending call's traceparent) defaults to the handled event's.
+    ``trace`` (the sending call's traceparent) defaults to the handled event's; ``event_id``
+    (a new unique id when left out) is the event's id.
     """
-    event_id = ids()
+    if event_id is None:
+        event_id = ids()
     parent = current_event.get()
     now = time.time_ns() // 1_000_000
     if parent is None:

@@ -26,14 +26,28 @@ async def _nothing() -> None:
     pass
 
 
+def _due_time(entry: tuple[float, int, Any]) -> tuple[float, int]:
+    return entry[0], entry[1]
+
+
 class NodeStats(msgspec.Struct, frozen=True):
     """A snapshot of a node's flow control and counts, on this instance.
 
     ``accepted + rejected + dropped + forwarded`` is every event that reached this
-    instance; ``completed + failed`` equals ``accepted`` once the node is idle.
+    instance; ``completed + failed + dead_lettered`` equals ``accepted`` once the node is
+    idle (an event is accepted once, however many times it runs, and has one outcome).
     ``forwarded`` counts requests this instance passed on, its queue full, to a twin
     instance of the node (on another host) that had room: the twin counts them again as
     they reach it.
+
+    Attempts and errors (``System(delivery=...)``): ``retried`` counts executions after
+    the first that the retry policy scheduled; ``redelivered`` counts deliveries of a
+    durable node's events after a crash or an expired ``ack_wait``; ``dead_lettered``
+    counts events that failed for good and whose dead letter was delivered (an outcome of
+    its own, not counted in ``failed``); ``suppressed`` counts events completed with
+    ``None`` by ``on_error="suppress"`` (they count in ``completed`` too). ``retrying`` is
+    how many events wait to run again now (holding no slot and no queue place), and
+    ``dead_letters_pending`` how many wait for their dead letter to be delivered.
 
     Node state (``node.state``, and views this node made with ``node.view``):
     ``state_reads`` counts reads of the state bucket (each ``get``, and each read an
@@ -58,6 +72,12 @@ class NodeStats(msgspec.Struct, frozen=True):
     state_reads: int = 0
     state_writes: int = 0
     state_conflicts: int = 0
+    retried: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
+    suppressed: int = 0
+    retrying: int = 0
+    dead_letters_pending: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -90,6 +110,10 @@ class Mailbox(Generic[Item]):
         self._spawn = spawn
         self._relieved: Callable[[], Awaitable[None]] = _nothing
         self._ready: deque[Item] = deque()  # admitted, holding a slot, waiting for a worker
+        self._later: list[tuple[float, int, Item]] = []  # waiting to run again, by due time
+        self._due: deque[Item] = deque()  # due to run again, waiting for a slot
+        self._later_wake: Any = None  # a signal while the timer sleeps
+        self._timing = False  # the timer task runs
         self._idle: list[Any] = []  # signals of idle workers
         self._workers = 0
         self._waking = False
@@ -108,6 +132,11 @@ class Mailbox(Generic[Item]):
         self.state_reads = 0
         self.state_writes = 0
         self.state_conflicts = 0
+        self.retried = 0
+        self.redelivered = 0
+        self.dead_lettered = 0
+        self.suppressed = 0
+        self.dead_letters_pending = 0
 
     def serve(
         self,
@@ -130,7 +159,11 @@ class Mailbox(Generic[Item]):
         return self._pressure_at < self._limit and self.queued >= self._pressure_at
 
     def withdraw(self, item: Item) -> bool:
-        """Take a queued item out (its caller gave up): True if it was still queued."""
+        """Take a queued item out (its caller gave up): True if it was still queued, or
+        waiting to run again."""
+        if self._later or self._due:
+            if self._withdraw_later(item):
+                return True
         if self._priority:
             for index, entry in enumerate(self._heap):
                 if entry[2] is item:
@@ -148,6 +181,67 @@ class Mailbox(Generic[Item]):
         self.queued -= 1
         self._wake_waiters()
         return True
+
+    def _withdraw_later(self, item: Item) -> bool:
+        for index, entry in enumerate(self._later):
+            if entry[2] is item:
+                self._later[index] = self._later[-1]
+                self._later.pop()
+                heapq.heapify(self._later)
+                return True
+        try:
+            self._due.remove(item)
+        except ValueError:
+            return False
+        return True
+
+    def later(self, item: Item, delay: float) -> None:
+        """Hold an admitted item that is to run again in ``delay`` seconds (a retry).
+
+        Meanwhile it holds no slot and no queue place, and is counted in ``retrying``, not
+        in ``queued``; when it is due it takes the next free slot, before the queued items.
+        It is never refused: it was admitted already (and is not counted again).
+        """
+        due = anyio.current_time() + delay
+        later = self._later
+        heapq.heappush(later, (due, next(self._seq), item))
+        if later[0][2] is item and self._later_wake is not None:
+            self._later_wake.set()  # earlier than the one the timer sleeps for
+        if not self._timing:
+            self._timing = True
+            self._spawn(self._release_later)
+
+    async def _release_later(self) -> None:
+        """The timer: items held by ``later`` go back to run, each when it is due."""
+        later = self._later
+        try:
+            while later:
+                delay = later[0][0] - anyio.current_time()
+                if delay > 0:
+                    self._later_wake = wake = self._signal()
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+                    self._later_wake = None
+                    continue
+                item = heapq.heappop(later)[2]
+                if self.active < self._max:
+                    self.active += 1
+                    self._ready.append(item)
+                    if not self._waking:
+                        self._wake_one()
+                else:
+                    self._due.append(item)
+        finally:
+            self._timing = False
+            self._later_wake = None
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing runs, waits in the queue, waits to run again, or waits for its
+        dead letter to be delivered."""
+        return not (
+            self.active or self.queued or self._later or self._due or self.dead_letters_pending
+        )
 
     def holds_local_senders(self) -> bool:
         """Whether a sender in this process must wait before publishing to this node.
@@ -184,6 +278,12 @@ class Mailbox(Generic[Item]):
             state_reads=self.state_reads,
             state_writes=self.state_writes,
             state_conflicts=self.state_conflicts,
+            retried=self.retried,
+            redelivered=self.redelivered,
+            dead_lettered=self.dead_lettered,
+            suppressed=self.suppressed,
+            retrying=len(self._later) + len(self._due),
+            dead_letters_pending=self.dead_letters_pending,
         )
 
     def offer(self, item: Item, priority: int = 0) -> bool:
@@ -206,12 +306,18 @@ class Mailbox(Generic[Item]):
         return True
 
     def take_pending(self) -> list[Item]:
-        """Remove and return every item not yet running (used when the system stops)."""
+        """Remove and return every item not yet running, those waiting to run again
+        included (used when the system stops)."""
         items = list(self._ready) + list(self._fifo) + [entry[2] for entry in sorted(self._heap)]
+        items += [*self._due, *(entry[2] for entry in sorted(self._later, key=_due_time))]
         self.active -= len(self._ready)
         self._ready.clear()
         self._fifo.clear()
         self._heap.clear()
+        self._due.clear()
+        self._later.clear()
+        if self._later_wake is not None:
+            self._later_wake.set()
         self.queued = 0
         self._wake_waiters()
         return items
@@ -289,8 +395,11 @@ class Mailbox(Generic[Item]):
                 raise
 
     def _free_slot(self) -> None:
-        """An item finished: its slot goes to the next queued item, or is released."""
-        if self.queued:
+        """An item finished: its slot goes to the next item due to run again, else to the
+        next queued item, or is released."""
+        if self._due:
+            self._ready.append(self._due.popleft())
+        elif self.queued:
             self._ready.append(self._take())
             if self.queued < self._pressure_at:
                 self._wake_waiters()

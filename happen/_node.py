@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
+import random
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from typing import Any, Literal, TypeVar, overload
@@ -15,7 +16,25 @@ import msgspec
 from happen import _wire as p
 from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
-from happen._errors import CodecError, HappenError, InvalidIdError, ValidationError
+from happen._delivery import (
+    DEAD_LETTER_TYPE,
+    DeadLetters,
+    Decision,
+    DeliverySettings,
+    Outcome,
+    dead_letter_payload,
+    decide,
+)
+from happen._errors import (
+    CodecError,
+    HappenError,
+    InvalidIdError,
+    PayloadTooLargeError,
+    Reject,
+    Retry,
+    SystemStoppedError,
+    ValidationError,
+)
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
 from happen._ids import validate_event_type, validate_node_id
@@ -47,15 +66,22 @@ ROOM_WAIT = 0.25
 
 
 class Work:
-    """An admitted event waiting for, or holding, a slot."""
+    """An admitted event waiting for, or holding, a slot.
+
+    ``attempt`` is the number of its current (or next) execution, 1 for the first; while
+    ``pending`` its outcome is still to come after the attempt that ran (it waits to run
+    again, or for its dead letter to be delivered): it stays in the node's in-flight map.
+    """
 
     __slots__ = (
         "abandoned",
+        "attempt",
         "deadline",
         "event",
         "handler",
         "made",
         "origin",
+        "pending",
         "reply",
         "scope",
         "seal",
@@ -84,6 +110,8 @@ class Work:
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
         self.taken = False  # a worker took it: it no longer waits in the queue
+        self.attempt = 1
+        self.pending = False  # a retry or a dead letter is still to come
 
 
 class Overflow:
@@ -172,8 +200,16 @@ class Node:
         liveness_timeout: float,
         state: StateStore,
         middleware: MiddlewareStack | None = None,
+        delivery: DeliverySettings | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.id = node_id
+        self._delivery = delivery if delivery is not None else DeliverySettings()
+        self._dead_letters = dead_letters if dead_letters is not None else DeadLetters(caller)
+        # Retries, suppression or dead letters may apply: a streaming handler then runs to
+        # its first item before the stream starts, so that a failure before it can be
+        # retried (or suppressed, or dead-lettered) like any other.
+        self._first_item_ahead = not self._delivery.plain
         self._state_store = state
         self._state = NodeState(state, node_id, mailbox)
         self._middleware = middleware if middleware is not None else MiddlewareStack()
@@ -209,6 +245,7 @@ class Node:
         self._searching = False  # a search for room runs
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
         self._refused_types: set[str] = set()  # broadcast types refused (logged once each)
+        self._retries_closed = False  # the system stops: failures are not retried any more
 
     def __repr__(self) -> str:
         return f"<happen.Node {self.id!r}>"
@@ -533,8 +570,10 @@ class Node:
         self._mailbox.dropped += count
 
     async def fail_pending(self) -> None:
-        """The system stops: every admitted event not yet running fails with ``unavailable``;
-        requests still looking for a twin with room are refused alike."""
+        """The system stops: every admitted event not yet running (or waiting to run again)
+        fails with ``unavailable``; requests still looking for a twin with room are refused
+        alike. A handler that fails from now on is not retried."""
+        self._retries_closed = True
         overflow, self._overflow = self._overflow, deque()
         for entry in overflow:
             self._mailbox.rejected += 1
@@ -766,8 +805,11 @@ class Node:
         work.abandoned = True
         if work.scope is not None:
             work.scope.cancel()
-        elif self._mailbox.withdraw(work):  # still queued: its place is free at once
+        elif self._mailbox.withdraw(work):  # still queued, or waiting to run again
             await self._fail_unstarted(work, p.abandoned(self.id))
+        elif work.pending:  # its dead letter is being delivered: the caller is let go now
+            self._inflight.pop(work.reply, None)
+            await self._reply(work, p.abandoned(self.id))
 
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
@@ -894,8 +936,9 @@ class Node:
             self._deadline_wake = None
 
     async def _fail_unstarted(self, work: Work, failure: p.Failure) -> None:
-        """An admitted event ends without its handler running: counted failed, forgotten,
-        and its caller told why."""
+        """An admitted event ends without its handler running (again): counted failed,
+        forgotten, and its caller told why."""
+        work.pending = False
         self._mailbox.failed += 1
         self._inflight.pop(work.reply, None)
         await self._reply(work, failure)
@@ -909,6 +952,7 @@ class Node:
 
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
         work.taken = True
+        work.pending = False
         if work.abandoned:  # the caller gave up while it waited in the queue
             await self._fail_unstarted(work, p.abandoned(self.id))
             return
@@ -929,7 +973,7 @@ class Node:
                     for agen in work.made:
                         await aclose_quietly(agen)
             work.scope = None
-            if work.reply:
+            if work.reply and not work.pending:  # (else it runs again, or is dead-lettered)
                 self._inflight.pop(work.reply, None)
             current_event.reset(token)
             bstream = work.event.stream
@@ -954,6 +998,8 @@ class Node:
         try:
             if work.deadline is None:
                 result = await execution
+                if self._first_item_ahead and inspect.isasyncgen(result):
+                    result = await first_item_ahead(result)  # a failure before it may retry
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
                     result = await execution
@@ -974,15 +1020,7 @@ class Node:
                 )
             raise
         except Exception as exc:
-            mailbox.failed += 1
-            handler_log.error(
-                "handler for %r on node %r raised %s",
-                event.type,
-                self.id,
-                type(exc).__name__,
-                exc_info=exc,
-            )
-            await self._reply(work, p.handler_failure(exc))
+            await self._act(work, exc, self._decide(work, exc))
             return
         if inspect.isasyncgen(result):
             await produce(
@@ -1004,6 +1042,192 @@ class Node:
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
             await self._wire.reply(work.reply, frame)
+
+    # ----- attempts, retries and dead letters -----------------------------------------
+
+    def _decide(self, work: Work, error: BaseException) -> Decision:
+        """What becomes of ``work`` now that its attempt ``work.attempt`` raised ``error``:
+        the node's delivery settings applied in one place (see ``happen._delivery.decide``).
+
+        A streamed broadcast is not run again (its items were read), and a dead letter
+        whose handler failed is not dead-lettered in turn.
+        """
+        event = work.event
+        decision = decide(
+            self._delivery, error, work.attempt, random.random, retryable=event.stream is None
+        )
+        if decision.outcome is Outcome.DEAD_LETTER and event.type == DEAD_LETTER_TYPE:
+            return Decision(Outcome.FAIL)
+        return decision
+
+    async def _act(self, work: Work, error: Exception, decision: Decision) -> None:
+        """Carry out ``decision`` for ``work``, whose attempt raised ``error``: hold it to run
+        again (no slot, no queue place, still claimed for its caller), answer its caller
+        with ``None`` (suppressed) or with the failure (``HandlerError`` with ``attempts``),
+        or hand its dead letter to a task that delivers it and then settles ``work``."""
+        mailbox = self._mailbox
+        event = work.event
+        outcome = decision.outcome
+        settings = self._delivery
+        if outcome is Outcome.RETRY and not self._retries_closed:
+            if isinstance(error, Retry):
+                handler_log.info(
+                    "handler for %r on node %r asked for a retry (attempt %d of %d): "
+                    "running it again in %.3g s",
+                    event.type,
+                    self.id,
+                    work.attempt,
+                    settings.max_attempts,
+                    decision.delay,
+                )
+            else:
+                handler_log.warning(
+                    "handler for %r on node %r raised %s (attempt %d of %d): running it again "
+                    "in %.3g s",
+                    event.type,
+                    self.id,
+                    type(error).__name__,
+                    work.attempt,
+                    settings.max_attempts,
+                    decision.delay,
+                    exc_info=error,
+                )
+            mailbox.retried += 1
+            work.attempt += 1
+            work.event = msgspec.structs.replace(event, delivery=work.attempt)
+            work.taken = False
+            work.pending = True
+            mailbox.later(work, decision.delay)
+            if work.deadline is not None:
+                self._watch_deadline(work)  # the call's deadline bounds the wait too
+            return
+        if outcome is Outcome.RETRY:  # the system stops: it will not run again
+            mailbox.failed += 1
+            await self._reply(work, p.stopped(self.id))
+            return
+        after = f" after {work.attempt} attempts" if work.attempt > 1 else ""
+        if outcome is Outcome.SUPPRESS:
+            handler_log.warning(
+                "handler for %r on node %r raised %s%s: suppressed, the event completes with None",
+                event.type,
+                self.id,
+                type(error).__name__,
+                after,
+                exc_info=error,
+            )
+            if work.reply and not await self._wire.reply(work.reply, p.Result(None)):
+                mailbox.failed += 1
+                return
+            mailbox.completed += 1
+            mailbox.suppressed += 1
+            return
+        if isinstance(error, Reject):  # a decision of the handler, not a fault: no traceback
+            handler_log.warning(
+                "handler for %r on node %r rejected the event%s: %s",
+                event.type,
+                self.id,
+                after,
+                p.describe(error),
+            )
+        else:
+            handler_log.error(
+                "handler for %r on node %r raised %s%s",
+                event.type,
+                self.id,
+                type(error).__name__,
+                after,
+                exc_info=error,
+            )
+        failure = p.handler_failure(error, work.attempt)
+        if outcome is Outcome.DEAD_LETTER:
+            work.pending = True
+            mailbox.dead_letters_pending += 1
+            payload = dead_letter_payload(event, self.id, error, work.attempt, failure.message)
+            self._runtime.spawn(self._dead_letter, work, payload, failure)
+            return
+        mailbox.failed += 1
+        await self._reply(work, failure)
+
+    async def _dead_letter(self, work: Work, payload: dict[str, Any], failure: p.Failure) -> None:
+        """Deliver the dead letter of ``work``, then settle ``work`` (counted dead-lettered,
+        its caller answered with ``failure``).
+
+        A dead letter that could not be delivered is tried again after the node's backoff,
+        as long as it takes; one that can never be (it cannot be encoded, or is too large)
+        and one still undelivered when the system stops leave ``work`` counted failed, and
+        are logged.
+        """
+        target = self._delivery.dead_letter
+        assert target is not None
+        event = work.event
+        current_event.set(event)  # the dead letter's causal parent (this task's own context)
+        event_id = f"{event.context.id}:dead"
+        tries = 0
+        lost = ""
+        try:
+            while True:
+                tries += 1
+                try:
+                    await self._dead_letters.publish(self.id, target, event_id, payload)
+                    break
+                except (
+                    CodecError,
+                    PayloadTooLargeError,
+                    InvalidIdError,
+                    SystemStoppedError,
+                ) as exc:
+                    lost = f"{type(exc).__name__}: {exc}"
+                    break
+                except Exception as exc:
+                    delay = self._delivery.delay(tries)
+                    log.warning(
+                        "node %r could not deliver the dead letter of event %s to %r (%s: %s); "
+                        "trying again in %.3g s",
+                        self.id,
+                        event.context.id,
+                        target,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    await anyio.sleep(delay)
+        except self._runtime.cancelled:
+            with anyio.CancelScope(shield=True):
+                await self._dead_letter_lost(work, failure, target, "the system stopped")
+            raise
+        if lost:
+            await self._dead_letter_lost(work, failure, target, lost)
+            return
+        mailbox = self._mailbox
+        mailbox.dead_letters_pending -= 1
+        mailbox.dead_lettered += 1
+        self._settle(work)
+        if not work.abandoned:
+            await self._reply(work, failure)
+
+    async def _dead_letter_lost(
+        self, work: Work, failure: p.Failure, target: str, why: str
+    ) -> None:
+        mailbox = self._mailbox
+        mailbox.dead_letters_pending -= 1
+        mailbox.failed += 1
+        self._settle(work)
+        log.error(
+            "node %r gave up delivering the dead letter of event %s (%r) to %r: %s; the event "
+            "is counted failed",
+            self.id,
+            work.event.context.id,
+            work.event.type,
+            target,
+            why,
+        )
+        if not work.abandoned:
+            await self._reply(work, failure)
+
+    def _settle(self, work: Work) -> None:
+        work.pending = False
+        if work.reply:
+            self._inflight.pop(work.reply, None)
 
 
 async def _unsubscribe_all(subs: list[Subscription | None]) -> None:

@@ -18,6 +18,7 @@ from happen._broadcast import LocalBroadcastStreams
 from happen._calls import Caller
 from happen._codec import make_codec
 from happen._config import ConcurrencyConfig, ConcurrencySettings
+from happen._delivery import DeadLetters, DeliveryConfig, DeliverySettings
 from happen._errors import (
     InvalidConfigError,
     InvalidIdError,
@@ -73,6 +74,9 @@ class System:
 
     - ``concurrency``: ``{"default": {...}, "patterns": {glob: {...}}}`` flow-control
       settings (see ``ConcurrencySettings``), validated here (``InvalidConfigError``).
+    - ``delivery``: ``{"default": {...}, "patterns": {glob: {...}}}`` attempts and errors
+      settings (``max_attempts``, ``backoff``, ``on_error``, ``dead_letter``, ...; see
+      ``DeliverySettings``), resolved per node id like ``concurrency``.
     - ``transport``: a ``Transport`` or a URL, ``"memory"`` (the default when left out) or
       ``"nats://host:4222"``.
     - ``namespace``: prefix of every subject, isolating systems that share a NATS server
@@ -103,6 +107,7 @@ class System:
         self,
         *,
         concurrency: Mapping[str, Any] | None = None,
+        delivery: Mapping[str, Any] | None = None,
         transport: Transport | str | None = None,
         namespace: str | None = None,
         codec: str = "msgpack",
@@ -117,6 +122,7 @@ class System:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
         )
+        self._delivery = DeliveryConfig(delivery)
         #: The settings left to their defaults in code (``apply_defaults`` may fill them).
         self._unset = {
             name
@@ -161,6 +167,7 @@ class System:
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
         )
+        self._dead_letters = DeadLetters(self._caller)
         self._liveness = LivenessMonitor(
             wire=self._wire,
             runtime=self._runtime,
@@ -281,14 +288,13 @@ class System:
         await self._caller.round_trip()
 
     async def idle(self) -> None:
-        """Return once no node of this system runs or queues an event and no call or stream
-        of this system is open. Bound it with ``anyio.fail_after`` when it may never be."""
+        """Return once no node of this system runs, queues or waits to retry an event (or
+        to deliver its dead letter) and no call or stream of this system is open. Bound it
+        with ``anyio.fail_after`` when it may never be."""
         while True:
             for mailbox in list(self._mailboxes.values()):
                 await mailbox.wait_drained()
-            if not self._wire.routes and all(
-                not mailbox.active and not mailbox.queued for mailbox in self._mailboxes.values()
-            ):
+            if not self._wire.routes and all(mailbox.idle for mailbox in self._mailboxes.values()):
                 return
             await anyio.sleep(0.005)
 
@@ -397,6 +403,8 @@ class System:
             state=self._state,
             middleware=MiddlewareStack(self._middleware),
             liveness_timeout=self._liveness_timeout,
+            delivery=self._delivery.resolve(node_id),
+            dead_letters=self._dead_letters,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox
@@ -431,6 +439,11 @@ class System:
     def concurrency_for(self, node_id: str) -> ConcurrencySettings:
         """The concurrency settings that apply to ``node_id``."""
         return self._config.resolve(validate_node_id(node_id))
+
+    def delivery_for(self, node_id: str) -> DeliverySettings:
+        """The delivery settings (attempts, backoff, errors, dead letters) that apply to
+        ``node_id``. Raises ``InvalidIdError`` for a malformed id."""
+        return self._delivery.resolve(validate_node_id(node_id))
 
     def stats(self) -> dict[str, NodeStats]:
         """A snapshot of every node's stats, by node id."""
