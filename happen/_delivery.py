@@ -175,7 +175,6 @@ class DeliveryConfig:
             patterns.append((pattern, _convert(value, f"patterns[{pattern!r}]")))
         # least specific first, so the most specific is applied last; ties keep order
         self._patterns = sorted(patterns, key=lambda kv: specificity(kv[0]))
-        self.resolve("x")  # the defaults alone must make valid settings
 
     def resolve(self, node_id: str) -> DeliverySettings:
         """The settings for ``node_id``: defaults, then every matching pattern in turn.

@@ -155,7 +155,7 @@ async def test_a_waiting_retry_holds_no_slot(transport_url: str) -> None:
         async def flaky(event: happen.Event, context: dict) -> str:
             order.append(f"flaky-{event.delivery}")
             if event.delivery == 1:
-                raise happen.Retry(delay=0.5)
+                raise happen.Retry(delay=0.3)
             return "flaky done"
 
         @worker.on("quick")
@@ -409,8 +409,8 @@ async def test_the_call_timeout_bounds_a_waiting_retry(transport_url: str) -> No
         client = system.create_node("client")
         sent = now()
         with anyio.fail_after(WAIT), pytest.raises(happen.SendTimeout) as raised:
-            await client.send("worker", {"type": "job"}, timeout=0.5)
-        assert 0.4 <= now() - sent < 0.5 + SLACK
+            await client.send("worker", {"type": "job"}, timeout=0.3)
+        assert 0.25 <= now() - sent < 0.3 + SLACK
         assert "'worker'" in str(raised.value), "answered by the node, at its deadline"
         assert runs == [1]
         await drained(worker)
@@ -443,7 +443,7 @@ async def test_a_remote_caller_keeps_waiting_through_a_retry_longer_than_livenes
     make_transport: Callable[[], Transport],
 ) -> None:
     ns = unique_namespace()
-    liveness = 0.4
+    liveness = 0.3
     host = happen.System(
         transport=make_transport(), namespace=ns, delivery=delivery(max_attempts=2)
     )
