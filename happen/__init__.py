@@ -3,8 +3,10 @@
 from happen._calls import Stream
 from happen._config import ConcurrencySettings
 from happen._delivery import Backoff, DeliverySettings
+from happen._durable import Receipt
 from happen._errors import (
     CodecError,
+    DuplicateEventError,
     HandlerError,
     HappenError,
     HostLostError,
@@ -39,6 +41,7 @@ __all__ = [
     "CodecError",
     "ConcurrencySettings",
     "DeliverySettings",
+    "DuplicateEventError",
     "Event",
     "HandlerError",
     "HappenError",
@@ -54,6 +57,7 @@ __all__ = [
     "NodeStats",
     "PayloadTooLargeError",
     "QueueFullError",
+    "Receipt",
     "Reject",
     "Retry",
     "SendTimeout",

@@ -27,10 +27,13 @@ else:  # a TypeVar default (PEP 696): a bare ``happen.Stream`` means ``Stream[An
 from happen import _wire as p
 from happen._broadcast import LocalBroadcastStreams
 from happen._codec import path_of
+from happen._durable import DurableLogs, Receipt
 from happen._errors import (
     CodecError,
+    DuplicateEventError,
     HandlerError,
     HappenError,
+    InvalidConfigError,
     InvalidIdError,
     NoHandlerError,
     QueueFullError,
@@ -39,8 +42,8 @@ from happen._errors import (
     TransportError,
     ValidationError,
 )
-from happen._events import Event, IdGenerator, new_context
-from happen._ids import validate_event_type, validate_node_id
+from happen._events import Event, IdGenerator, new_context, with_id
+from happen._ids import validate_event_id, validate_event_type, validate_node_id
 from happen._mailbox import Mailbox
 from happen._observe import CallObserver, CallWatch
 from happen._pressure import RemoteGate
@@ -126,6 +129,7 @@ class Call:
         "allowed",
         "caller",
         "control",
+        "durable",
         "ended",
         "gate",
         "heard",
@@ -153,6 +157,9 @@ class Call:
         self.allowed = caller.window
         self.received = 0
         self.heard = 0  # frames received so far (the liveness monitor watches it change)
+        #: To a durable node: stored first, then it waits for the result of whichever
+        #: instance runs it (not judged by liveness until its stream starts).
+        self.durable = False
         self._frames: deque[Any] = deque()
         self._wake: Signal | None = None
 
@@ -529,8 +536,10 @@ class Caller:
         local_mailbox: Callable[[str], Mailbox[Any] | None],
         local_listeners: Callable[[str], list[Mailbox[Any]]],
         broadcast_streams: LocalBroadcastStreams,
+        durable: DurableLogs | None = None,
     ) -> None:
         self.wire = wire
+        self.durable = durable
         self.runtime = runtime
         self.window = window
         self._ids = ids
@@ -577,6 +586,51 @@ class Caller:
             )
         return target_id, validate_event_type(event["type"]), event.get("payload")
 
+    def stores(self, target_id: str) -> bool:
+        """Whether ``target_id`` is a durable node (its events are stored first)."""
+        durable = self.durable
+        return durable is not None and durable.any_durable and durable.durable(target_id)
+
+    def new_call(self, target_id: str) -> Call:
+        call = Call(self, target_id)
+        if self.stores(target_id):
+            call.durable = True
+        return call
+
+    async def enqueue(
+        self, sender: str, target: Any, event: Any, event_id: str | None = None
+    ) -> Receipt:
+        """Store ``event`` for the durable node ``target``; returns once it is stored."""
+        target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
+        durable = self.durable
+        if durable is None or not durable.durable(target_id):
+            raise InvalidConfigError(
+                f"node {target_id!r} is not durable: enqueue stores events for durable nodes "
+                f"only (delivery={{'patterns': {{{target_id!r}: {{'durable': True}}}}}})"
+            )
+        trace = None
+        watch = None
+        if self.observer is not None:
+            watch = self.observer.call_started("enqueue", sender, target_id, event_type)
+            trace = watch.trace
+        try:
+            context = new_context(self._ids, sender, trace)
+            if event_id is not None:
+                context = with_id(context, event_id)
+            frame = p.Request(event_type, payload, context, 0, self.window, None, self._system_id)
+            data = self.wire.encode(frame)
+            self.check_running()
+            receipt = await durable.append(target_id, data, msg_id=context.id)
+        except BaseException as exc:
+            if watch is not None:
+                watch.ended(exc)
+            raise
+        if watch is not None:
+            watch.ended(None)
+        return receipt
+
     def request_frame(
         self,
         sender: str,
@@ -599,6 +653,8 @@ class Caller:
             # The node's deadline is a little earlier than the caller's, so that the node's
             # own "timed out" answer (naming the handler) arrives before the caller gives up.
             timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
+        if call.durable:
+            timeout_ms = None  # stored: the caller's timeout bounds its own wait only
         context = new_context(self._ids, sender, trace, event_id)
         frame = p.Request(
             event_type,
@@ -624,6 +680,8 @@ class Caller:
         event_id: str | None = None,
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
         result: Any
         if self.observer is not None:
             result = await self._send_watched(
@@ -637,7 +695,7 @@ class Caller:
                 event_id,
             )
         else:
-            call = Call(self, target_id)
+            call = self.new_call(target_id)
             frame, data = self.request_frame(
                 sender, event_type, payload, timeout, priority, call, None, event_id
             )
@@ -664,7 +722,7 @@ class Caller:
         event_id: str | None = None,
     ) -> Any:
         try:
-            call = Call(self, target_id)
+            call = self.new_call(target_id)
             frame, data = self.request_frame(
                 sender, event_type, payload, timeout, priority, call, watch.trace, event_id
             )
@@ -685,16 +743,19 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        event_id: str | None = None,
     ) -> Stream[Any]:
         target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
         watch = None
         if self.observer is not None:
             watch = self.observer.call_started("stream", sender, target_id, event_type)
-        call = Call(self, target_id)
+        call = self.new_call(target_id)
         try:
             trace = watch.trace if watch is not None else None
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, trace
+                sender, event_type, payload, timeout, priority, call, trace, event_id
             )
         except BaseException as exc:
             if watch is not None:
@@ -736,6 +797,8 @@ class Caller:
             await runtime.settled()
         target = call.target
         wire = self.wire
+        if call.durable:
+            return await self._open_durable(call, frame, data)
         mailbox = self._local_mailbox(target)
         if mailbox is not None:
             while mailbox.holds_local_senders():
@@ -765,6 +828,37 @@ class Caller:
             with anyio.CancelScope(shield=True):
                 await self.abandon(call)
             raise
+        return self._first_reply(call, frame, first)
+
+    async def _open_durable(self, call: Call, frame: p.Request, data: bytes) -> Any:
+        """Store a request for a durable node; return the first reply of whichever
+        instance runs it. A caller that gives up forgets the call: the event stays stored
+        and runs all the same."""
+        durable = self.durable
+        assert durable is not None and frame.context is not None
+        wire = self.wire
+        wire.register(call, call.token)
+        try:
+            receipt = await durable.append(
+                call.target, data, msg_id=frame.context.id, reply=wire.inbox_prefix + call.token
+            )
+            if receipt.duplicate:
+                raise DuplicateEventError(
+                    f"event id {frame.context.id!r} was stored for durable node "
+                    f"{call.target!r} before, within its dedup_window: it is not stored or "
+                    f"run again, and its result goes to the first caller",
+                    event_id=frame.context.id,
+                    node_id=call.target,
+                    seq=receipt.seq,
+                )
+            first = await call.next_frame()
+        except BaseException:
+            self.forget(call)
+            raise
+        return self._first_reply(call, frame, first)
+
+    def _first_reply(self, call: Call, frame: p.Request, first: Any) -> Any:
+        target = call.target
         kind = type(first)
         if kind is p.StreamStart:
             return first
@@ -809,7 +903,11 @@ class Caller:
         context = new_context(self._ids, sender, trace)
         if stream is None:
             self.check_running()
-            await wire.publish(subject, p.Broadcast(event_type, payload, context))
+            frame = p.Broadcast(event_type, payload, context)
+            durable = self.durable
+            if durable is not None and durable.any_durable:  # stored for durable nodes first
+                await durable.append_broadcast(event_type, wire.encode(frame), msg_id=context.id)
+            await wire.publish(subject, frame)
             return
         stream_id = self._ids()
         self.check_running()

@@ -176,6 +176,13 @@ class DeliveryConfig:
         # least specific first, so the most specific is applied last; ties keep order
         self._patterns = sorted(patterns, key=lambda kv: specificity(kv[0]))
 
+    @property
+    def any_durable(self) -> bool:
+        """Whether some node of the namespace may be durable (then broadcasts are stored
+        for durable nodes too)."""
+        layers = [self._default, *(overrides for _, overrides in self._patterns)]
+        return any(overrides.durable is True for overrides in layers)
+
     def resolve(self, node_id: str) -> DeliverySettings:
         """The settings for ``node_id``: defaults, then every matching pattern in turn.
 
@@ -331,11 +338,18 @@ class Sends(Protocol):
         event_id: str | None = None,
     ) -> Any: ...
 
+    def stores(self, target: str) -> bool: ...
+
+    async def enqueue(
+        self, sender: str, target: Any, event: Any, event_id: str | None = None
+    ) -> Any: ...
+
 
 class DeadLetters:
     """Sends dead letters to dead-letter nodes, with the system's caller.
 
-    ``publish`` returns once the dead-letter node has handled the letter; a failure of
+    ``publish`` returns once the dead-letter node has handled the letter (or stored it, when
+    that node is durable); a failure of
     its handler counts as delivered (that node counts its own failure). Anything else
     (no such node, no handler, a full queue, the transport down, the system stopping)
     raises, and the caller of ``publish`` tries again later.
@@ -351,6 +365,11 @@ class DeadLetters:
         event of type ``happen.dead_letter`` whose id is ``event_id``; its causal parent is
         the event whose handler is running (the failed event, set by the node)."""
         event = {"type": DEAD_LETTER_TYPE, "payload": payload}
+        if self._caller.stores(target):
+            # A durable dead-letter node: delivered once stored (under the derived id, so a
+            # letter sent again after a crash is stored once).
+            await self._caller.enqueue(sender, target, event, event_id)
+            return
         try:
             result = await self._caller.send(sender, target, event, None, 0, event_id=event_id)
         except HandlerError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CodecError",
+    "DuplicateEventError",
     "HandlerError",
     "HappenError",
     "HostLostError",
@@ -84,6 +85,22 @@ class QueueFullError(HappenError):
         super().__init__(message)
         self.node_id = node_id
         self.queued = queued
+
+
+class DuplicateEventError(HappenError):
+    """``send`` or ``stream`` to a durable node with an event id (``id=``) stored before
+    within the node's ``dedup_window``: the event is not stored or run again, and its
+    result goes to the caller that stored it first. ``event_id``, ``node_id`` and ``seq``
+    (the first copy's sequence in the node's log) say which. ``enqueue`` reports the same
+    as ``Receipt.duplicate``."""
+
+    __module__ = "happen"
+
+    def __init__(self, message: str, *, event_id: str, node_id: str, seq: int) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+        self.node_id = node_id
+        self.seq = seq
 
 
 class HandlerError(HappenError):

@@ -78,6 +78,8 @@ class NodeStats(msgspec.Struct, frozen=True):
     suppressed: int = 0
     retrying: int = 0
     dead_letters_pending: int = 0
+    handed_back: int = 0
+    backlog: int = 0
 
 
 class Mailbox(Generic[Item]):
@@ -133,10 +135,13 @@ class Mailbox(Generic[Item]):
         self.state_writes = 0
         self.state_conflicts = 0
         self.retried = 0
-        self.redelivered = 0
+        self.redelivered = 0  # durable events delivered again (a host died, ack_wait passed)
         self.dead_lettered = 0
         self.suppressed = 0
         self.dead_letters_pending = 0
+        self.handed_back = 0  # durable events given back to the log when this instance stopped
+        self.backlog = 0  # events the node's durable log holds (read periodically)
+        self._slot_freed: anyio.Event | None = None
 
     def serve(
         self,
@@ -257,6 +262,16 @@ class Mailbox(Generic[Item]):
         """How many more events this mailbox would admit now: free slots and queue places."""
         return max(0, self._max - self.active) + max(0, self._limit - self.queued)
 
+    def free_slots(self) -> int:
+        """Slots no item holds or is queued for: what a durable intake may fetch now."""
+        return self._max - self.active - self.queued
+
+    async def wait_free_slot(self) -> None:
+        """Wait until a slot is released (check ``free_slots`` again after)."""
+        if self._slot_freed is None:
+            self._slot_freed = anyio.Event()
+        await self._slot_freed.wait()
+
     def arrived(self) -> None:
         """A local send reserved with ``in_transit`` reached the node (or was given up)."""
         self.in_transit -= 1
@@ -284,10 +299,13 @@ class Mailbox(Generic[Item]):
             suppressed=self.suppressed,
             retrying=len(self._later) + len(self._due),
             dead_letters_pending=self.dead_letters_pending,
+            handed_back=self.handed_back,
+            backlog=self.backlog,
         )
 
-    def offer(self, item: Item, priority: int = 0) -> bool:
-        """Admit ``item`` (run now or queue it) and count it; False when the queue is full."""
+    def offer(self, item: Item, priority: int = 0, force: bool = False) -> bool:
+        """Admit ``item`` (run now or queue it) and count it; False when the queue is full,
+        unless ``force`` (an event taken from a durable log, which bounds it)."""
         if self.active < self._max:
             self.active += 1
             self.accepted += 1
@@ -295,7 +313,7 @@ class Mailbox(Generic[Item]):
             if not self._waking:
                 self._wake_one()
             return True
-        if self.queued >= self._limit:
+        if self.queued >= self._limit and not force:
             return False
         if self._priority:
             heapq.heappush(self._heap, (-priority, next(self._seq), item))
@@ -320,6 +338,9 @@ class Mailbox(Generic[Item]):
             self._later_wake.set()
         self.queued = 0
         self._wake_waiters()
+        if self._slot_freed is not None:
+            event, self._slot_freed = self._slot_freed, None
+            event.set()
         return items
 
     async def wait_relief(self) -> None:
@@ -406,6 +427,9 @@ class Mailbox(Generic[Item]):
         else:
             self.active -= 1
             self._signal_drained()
+            if self._slot_freed is not None:
+                event, self._slot_freed = self._slot_freed, None
+                event.set()
 
     def _signal_drained(self) -> None:
         if self._drained is not None and not self.active:

@@ -7,7 +7,7 @@ import inspect
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -25,6 +25,7 @@ from happen._delivery import (
     dead_letter_payload,
     decide,
 )
+from happen._durable import REPLY_HEADER, DurableLogs, Intake, Receipt
 from happen._errors import (
     CodecError,
     HappenError,
@@ -33,6 +34,7 @@ from happen._errors import (
     Reject,
     Retry,
     SystemStoppedError,
+    TransportError,
     ValidationError,
 )
 from happen._events import Event, IdGenerator, current_event, external_context
@@ -45,7 +47,7 @@ from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._signal import Signal
 from happen._state import NodeState, StateStore, StateView
-from happen._transport import Message, Subscription, Transport
+from happen._transport import Delivery, Message, Subscription, Transport
 
 __all__ = ["Node"]
 
@@ -61,6 +63,8 @@ H = TypeVar("H", bound=HandlerFunction)
 M = TypeVar("M", bound=Middleware)
 R = TypeVar("R")
 
+#: Why a dead letter was not delivered: the system stopped first.
+STOPPED = "the system stopped"
 #: Longest a full instance waits for a twin with room before it refuses a request.
 ROOM_WAIT = 0.25
 
@@ -77,6 +81,7 @@ class Work:
         "abandoned",
         "attempt",
         "deadline",
+        "delivery",
         "event",
         "handler",
         "made",
@@ -110,6 +115,7 @@ class Work:
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
         self.taken = False  # a worker took it: it no longer waits in the queue
+        self.delivery: Delivery | None = None  # a durable node's: settled at its outcome
         self.attempt = 1
         self.pending = False  # a retry or a dead letter is still to come
 
@@ -202,8 +208,12 @@ class Node:
         middleware: MiddlewareStack | None = None,
         delivery: DeliverySettings | None = None,
         dead_letters: DeadLetters | None = None,
+        durable: DurableLogs | None = None,
     ) -> None:
         self.id = node_id
+        self._durable = durable  # the namespace's durable logs, for a durable node
+        self._intake: Intake | None = None
+        self._held: dict[int, Work] = {}  # durable events this instance holds, by delivery
         self._delivery = delivery if delivery is not None else DeliverySettings()
         self._dead_letters = dead_letters if dead_letters is not None else DeadLetters(caller)
         # Retries, suppression or dead letters may apply: a streaming handler then runs to
@@ -352,6 +362,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         result_type: type[R],
     ) -> R: ...
 
@@ -363,6 +374,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         result_type: None = None,
     ) -> Any: ...
 
@@ -374,6 +386,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         result_type: object,
     ) -> object: ...
 
@@ -384,6 +397,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         result_type: object = None,
     ) -> Any:
         """Send ``event`` to node ``target`` and return its handler's result.
@@ -402,7 +416,9 @@ class Node:
         as not fitting its type, or the result does not fit ``result_type`` (or is a stream).
         """
         convert = None if result_type is None else self._wire.codec.converter(result_type)
-        return await self._caller.send(self.id, target, event, timeout, priority, convert)
+        return await self._caller.send(
+            self.id, target, event, timeout, priority, convert, event_id=id
+        )
 
     @overload
     def stream(
@@ -412,6 +428,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         item_type: type[R],
     ) -> Stream[R]: ...
 
@@ -423,6 +440,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         item_type: None = None,
     ) -> Stream[Any]: ...
 
@@ -434,6 +452,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         item_type: object,
     ) -> Stream[object]: ...
 
@@ -444,6 +463,7 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
         item_type: object = None,
     ) -> Stream[Any]:
         """Send ``event`` to ``target`` and return a ``Stream`` of the handler's items.
@@ -455,7 +475,29 @@ class Node:
         fit raises ``ValidationError`` from the iteration and closes the stream.
         """
         convert = None if item_type is None else self._wire.codec.converter(item_type)
-        return self._caller.stream(self.id, target, event, timeout, priority, convert)
+        return self._caller.stream(self.id, target, event, timeout, priority, convert, id)
+
+    async def enqueue(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        id: str | None = None,
+    ) -> Receipt:
+        """Store ``event`` for the durable node ``target`` and return once it is stored,
+        without waiting for it to run: a ``Receipt`` with its sequence in the node's log and
+        whether ``id`` was stored before (``duplicate``: within the node's ``dedup_window``,
+        nothing new was stored).
+
+        ``id`` (1-256 characters without whitespace, such as ``"order-7-charge"``) becomes
+        the event's id; without it every call is a new event.
+
+        Raises ``InvalidConfigError`` when ``target`` is not a durable node,
+        ``QueueFullError`` when its log holds ``queue_limit`` events (nothing was stored),
+        ``PayloadTooLargeError``, ``CodecError``, ``TransportError``; ``InvalidIdError``
+        for a bad id or type.
+        """
+        return await self._caller.enqueue(self.id, target, event, id)
 
     async def broadcast(
         self, event: Event | dict[str, Any], *, stream: AsyncIterable[Any] | None = None
@@ -539,6 +581,19 @@ class Node:
             )
         for suffix in self._subscriptions.keys() - wanted:
             await self._subscriptions.pop(suffix).unsubscribe()
+        if self._durable is not None and self._intake is None:
+            mailbox = self._mailbox
+            intake = Intake(
+                node_id=self.id,
+                logs=self._durable,
+                slots=mailbox,
+                admit=self._on_delivery,
+                held=self._held_deliveries,
+                backlog=self._set_backlog,
+                spawn=self._runtime.spawn,
+            )
+            await intake.start()
+            self._intake = intake
 
     async def unsubscribe(self) -> None:
         """Stop hearing new events (the system is stopping). Never raises.
@@ -549,6 +604,8 @@ class Node:
         self._direct = self._instance = self._rooms = None
         self._subscriptions.clear()
         await _unsubscribe_all(subs)
+        if self._intake is not None:
+            await self._intake.stop()
 
     async def close(self) -> None:
         """Stop hearing anything: every call this instance held has been answered."""
@@ -579,7 +636,10 @@ class Node:
             self._mailbox.rejected += 1
             await self._reply(entry.work, p.stopped(self.id))
         for work in self._mailbox.take_pending():
-            await self._fail_unstarted(work, p.stopped(self.id))
+            if work.delivery is not None:
+                await self._hand_back(work)
+            else:
+                await self._fail_unstarted(work, p.stopped(self.id))
 
     # ----- receiving ----------------------------------------------------------------
 
@@ -640,14 +700,14 @@ class Node:
                 self._searching = True
                 self._runtime.spawn(self._find_room)
 
-    def _admit(self, work: Work, priority: int) -> bool:
-        """Offer ``work`` to the mailbox; False when the queue is full."""
+    def _admit(self, work: Work, priority: int, force: bool = False) -> bool:
+        """Offer ``work`` to the mailbox; False when the queue is full (unless ``force``)."""
         reply = work.reply
         if reply:
             self._inflight[reply] = work
         mailbox = self._mailbox
         queued = mailbox.queued
-        if mailbox.offer(work, priority):
+        if mailbox.offer(work, priority, force):
             if work.deadline is not None and mailbox.queued > queued:
                 self._watch_deadline(work)  # it waits in the queue: answer it at its deadline
             return True
@@ -844,6 +904,8 @@ class Node:
         handler = self._handlers.select(frame.type)
         if handler is None or handler.pattern.subject != subject:
             return  # not ours, or another of our subscriptions delivers it
+        if self._durable is not None and frame.stream is None:
+            return  # a durable node hears its copy from the broadcast log
         mailbox = self._mailbox
         if not self._runtime.accepting:
             mailbox.dropped += 1
@@ -975,6 +1037,9 @@ class Node:
             work.scope = None
             if work.reply and not work.pending:  # (else it runs again, or is dead-lettered)
                 self._inflight.pop(work.reply, None)
+            if work.delivery is not None and not work.pending:
+                with anyio.CancelScope(shield=True):
+                    await self._settle_delivery(work)
             current_event.reset(token)
             bstream = work.event.stream
             if isinstance(bstream, BroadcastStream):
@@ -1013,6 +1078,12 @@ class Node:
                     await self._reply(work, self._timed_out(work))
                     return
         except runtime.cancelled:
+            if work.delivery is not None and not work.abandoned:
+                # The instance stops: the event goes back to the log, for a twin (or this
+                # node, once back) to run; its caller keeps waiting for that result.
+                with anyio.CancelScope(shield=True):
+                    await self._hand_back(work)
+                raise
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):
                 await self._reply(
@@ -1101,7 +1172,10 @@ class Node:
             if work.deadline is not None:
                 self._watch_deadline(work)  # the call's deadline bounds the wait too
             return
-        if outcome is Outcome.RETRY:  # the system stops: it will not run again
+        if outcome is Outcome.RETRY:  # the system stops: it will not run again here
+            if work.delivery is not None:
+                await self._hand_back(work)  # (a durable one runs again elsewhere)
+                return
             mailbox.failed += 1
             await self._reply(work, p.stopped(self.id))
             return
@@ -1170,12 +1244,10 @@ class Node:
                 try:
                     await self._dead_letters.publish(self.id, target, event_id, payload)
                     break
-                except (
-                    CodecError,
-                    PayloadTooLargeError,
-                    InvalidIdError,
-                    SystemStoppedError,
-                ) as exc:
+                except SystemStoppedError:
+                    lost = STOPPED
+                    break
+                except (CodecError, PayloadTooLargeError, InvalidIdError) as exc:
                     lost = f"{type(exc).__name__}: {exc}"
                     break
                 except Exception as exc:
@@ -1193,7 +1265,7 @@ class Node:
                     await anyio.sleep(delay)
         except self._runtime.cancelled:
             with anyio.CancelScope(shield=True):
-                await self._dead_letter_lost(work, failure, target, "the system stopped")
+                await self._dead_letter_lost(work, failure, target, STOPPED)
             raise
         if lost:
             await self._dead_letter_lost(work, failure, target, lost)
@@ -1204,14 +1276,23 @@ class Node:
         self._settle(work)
         if not work.abandoned:
             await self._reply(work, failure)
+        if work.delivery is not None:
+            await self._settle_delivery(work)
 
     async def _dead_letter_lost(
         self, work: Work, failure: p.Failure, target: str, why: str
     ) -> None:
         mailbox = self._mailbox
         mailbox.dead_letters_pending -= 1
+        if work.delivery is not None and why == STOPPED:
+            # Kept, never dropped: back to the log, to be tried again by a twin (or here).
+            self._settle(work)
+            await self._hand_back(work)
+            return
         mailbox.failed += 1
         self._settle(work)
+        if work.delivery is not None:
+            await self._settle_delivery(work)
         log.error(
             "node %r gave up delivering the dead letter of event %s (%r) to %r: %s; the event "
             "is counted failed",
@@ -1228,6 +1309,110 @@ class Node:
         work.pending = False
         if work.reply:
             self._inflight.pop(work.reply, None)
+
+    # ----- durable intake -----------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery, broadcast: bool) -> None:
+        """An event (or a stored broadcast) fetched from the node's durable log."""
+        if not self._runtime.accepting:  # fetched as the system began to stop: not taken
+            await _settle_quietly(delivery.nak, self.id)
+            return
+        wire = self._wire
+        mailbox = self._mailbox
+        reply = ""
+        if delivery.headers:
+            reply = delivery.headers.get(REPLY_HEADER, "")
+        try:
+            if broadcast:
+                frame = wire.broadcast_decoder.decode(delivery.data)
+                if type(frame) is not p.Broadcast:
+                    raise CodecError(f"a stored broadcast is a {type(frame).__name__} frame")
+            else:
+                frame = wire.request_decoder.decode(delivery.data)
+            validate_event_type(frame.type)
+        except (CodecError, InvalidIdError) as exc:
+            mailbox.rejected += 1
+            wire.report_bad_input(f"durable node {self.id!r}", exc)
+            if reply:
+                await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
+            await self._poisoned(delivery)
+            return
+        handler = self._handlers.select(frame.type)
+        if handler is None:
+            if broadcast:  # a broadcast this node does not hear: nothing to do
+                await _settle_quietly(delivery.ack, self.id)
+                return
+            mailbox.rejected += 1
+            message = f"node {self.id!r} has no handler for event type {frame.type!r}"
+            if reply:
+                await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
+            log.warning("durable %s: settled without running it", message)
+            await self._poisoned(delivery)
+            return
+        payload = frame.payload
+        if handler.convert is not None:
+            try:
+                payload = handler.convert(payload)
+            except ValidationError as exc:
+                if broadcast:
+                    self._refuse_broadcast(frame.type, exc)
+                else:
+                    await self._refuse_payload(frame.type, exc, reply)
+                await self._poisoned(delivery)
+                return
+        context = frame.context or external_context(self._ids)
+        # Attempts count deliveries: one that comes back after a crash is the next attempt.
+        attempt = max(1, delivery.delivery_count)
+        event = Event(frame.type, payload, context, delivery=attempt)
+        if broadcast:
+            work = Work(event, handler, "", 0, None)
+            priority = 0
+        else:
+            window = frame.window if frame.window > 0 else self._caller.window
+            work = Work(event, handler, reply, window, None, frame.seal, frame.origin)
+            priority = frame.priority
+        work.delivery = delivery
+        work.attempt = attempt
+        if delivery.delivery_count > 1:
+            mailbox.redelivered += 1
+        self._held[id(delivery)] = work
+        self._admit(work, priority, force=True)  # (fetched for a free slot: never refused)
+
+    async def _poisoned(self, delivery: Delivery) -> None:
+        """An event this node can never run: settled, so it is not delivered for ever."""
+        await _settle_quietly(delivery.term, self.id)
+
+    async def _settle_delivery(self, work: Work) -> None:
+        """A durable event reached its outcome (its reply, if any, was published): ack."""
+        delivery = work.delivery
+        if delivery is None or self._held.pop(id(delivery), None) is None:
+            return  # handed back already
+        await _settle_quietly(delivery.ack, self.id)
+
+    async def _hand_back(self, work: Work) -> None:
+        """A durable event this stopping instance will not finish: back to the log at once,
+        for a twin instance (or this node, when it comes back). Counted ``handed_back``."""
+        delivery = work.delivery
+        if delivery is None or self._held.pop(id(delivery), None) is None:
+            return
+        self._mailbox.handed_back += 1
+        self._inflight.pop(work.reply, None)
+        await _settle_quietly(delivery.nak, self.id)
+
+    def _held_deliveries(self) -> list[Delivery]:
+        return [work.delivery for work in self._held.values() if work.delivery is not None]
+
+    def _set_backlog(self, count: int) -> None:
+        self._mailbox.backlog = count
+
+
+async def _settle_quietly(settle: Callable[[], Awaitable[None]], node_id: str) -> None:
+    """Settle a durable delivery; a transport failure is logged (the log delivers the event
+    again after ``ack_wait``)."""
+    try:
+        await settle()
+    except TransportError as exc:
+        log.warning("node %r could not settle a durable event: %s", node_id, exc)
 
 
 async def _unsubscribe_all(subs: list[Subscription | None]) -> None:

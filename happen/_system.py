@@ -19,6 +19,7 @@ from happen._calls import Caller
 from happen._codec import make_codec
 from happen._config import ConcurrencyConfig, ConcurrencySettings
 from happen._delivery import DeadLetters, DeliveryConfig, DeliverySettings
+from happen._durable import DurableLogs
 from happen._errors import (
     InvalidConfigError,
     InvalidIdError,
@@ -157,6 +158,13 @@ class System:
         self._state = StateStore(
             codec=self._codec, namespace=namespace, transport=self._state_transport
         )
+        self._durable = DurableLogs(
+            namespace=namespace,
+            settings_for=self._delivery.resolve,
+            queue_limit_for=lambda node_id: self._config.resolve(node_id).queue_limit,
+            any_durable=self._delivery.any_durable,
+            transport=self._state_transport,
+        )
         self._caller = Caller(
             wire=self._wire,
             runtime=self._runtime,
@@ -166,6 +174,7 @@ class System:
             local_mailbox=self._local_mailbox,
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
+            durable=self._durable,
         )
         self._dead_letters = DeadLetters(self._caller)
         self._liveness = LivenessMonitor(
@@ -202,6 +211,7 @@ class System:
             self.namespace = _checked_namespace(namespace)
             self._wire.rename(self.namespace)
             self._state.rename(self.namespace)
+            self._durable.rename(self.namespace)
             self._unset.discard("namespace")
 
     def settings_given(self) -> frozenset[str]:
@@ -405,6 +415,7 @@ class System:
             liveness_timeout=self._liveness_timeout,
             delivery=self._delivery.resolve(node_id),
             dead_letters=self._dead_letters,
+            durable=self._durable if self._durable.durable(node_id) else None,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox

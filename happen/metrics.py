@@ -25,7 +25,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GAUGES = frozenset(
     {"active", "queued", "max_concurrent", "queue_limit", "under_pressure"}
     | {"keys_active", "keyed_waiting"}
-    | {"retrying", "dead_letters_pending"}
+    | {"retrying", "dead_letters_pending", "backlog"}
 )
 
 _DESCRIPTIONS = {
@@ -48,6 +48,8 @@ _DESCRIPTIONS = {
     "suppressed": "Events completed with None by on_error='suppress' (also in completed).",
     "retrying": "Events waiting to run again now (holding no slot and no queue place).",
     "dead_letters_pending": "Events whose dead letter is waiting to be delivered.",
+    "handed_back": "Durable events this instance gave back to the log when it stopped.",
+    "backlog": "Events a durable node's log holds (not yet taken, or not yet settled).",
 }
 
 
