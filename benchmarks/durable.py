@@ -78,9 +78,14 @@ async def happen_request(config: Config, *, transport: str, durable: bool = True
     ) as server:
         worker = server.create_node("worker")
         worker.on("ping", _echo)
-        async with happen.System(
-            transport=url, namespace=namespace, delivery=delivery, concurrency=ROOMY
-        ) as client_system:
+        async with AsyncExitStack() as stack:
+            client_system = server  # in memory: one system (one broker), as _happen.systems
+            if transport != "memory":
+                client_system = await stack.enter_async_context(
+                    happen.System(
+                        transport=url, namespace=namespace, delivery=delivery, concurrency=ROOMY
+                    )
+                )
             client = client_system.create_node("client")
             with anyio.fail_after(10):
                 await client.send("worker", PING)
