@@ -7,7 +7,7 @@ import re
 
 from happen._errors import InvalidIdError
 
-__all__ = ["validate_event_type", "validate_key", "validate_node_id"]
+__all__ = ["validate_event_id", "validate_event_type", "validate_key", "validate_node_id"]
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*")
@@ -71,6 +71,20 @@ def _valid_event_type(event_type: str) -> str:
             f"invalid event type {_show(event_type)}: an event type is {EVENT_TYPE_RULE}"
         )
     return event_type
+
+
+EVENT_ID_RULE = "1-256 characters, none of them whitespace or control characters"
+_EVENT_ID = re.compile(r"[^\x00-\x20\x7f-\xa0\s]{1,256}")
+
+
+def validate_event_id(event_id: object) -> str:
+    """Return ``event_id`` (an ``id=`` given to a send) if valid, else raise: ``TypeError``
+    for a non-string, ``InvalidIdError`` for a malformed one."""
+    if type(event_id) is not str:
+        raise TypeError(f"an event id is a str, not {type(event_id).__name__}")
+    if not _EVENT_ID.fullmatch(event_id):
+        raise InvalidIdError(f"invalid event id {_show(event_id)}: an event id is {EVENT_ID_RULE}")
+    return event_id
 
 
 def _show(value: object) -> str:

@@ -145,8 +145,8 @@ class LivenessMonitor:
         watches: dict[str, _Watch] = {}
         old = self._watches
         for token, route in list(wire.routes.items()):
-            if type(route) is not Call:
-                continue
+            if type(route) is not Call or (route.durable and route.waiting):
+                continue  # (a durable call waits for whichever instance runs its event)
             watch = old.get(token)
             if watch is None:
                 watches[token] = _Watch(route.heard)  # new since the last tick

@@ -104,6 +104,7 @@ class Failure(_Frame, tag="err"):
     message: str = ""
     error_type: str = ""
     queued: int | None = None  # with queue_full: how many events the node's queue held
+    attempts: int = 1  # with handler_error: how many times the handler ran
 
 
 class Hold(_Frame, tag="hold"):
@@ -276,9 +277,10 @@ def describe(exc: BaseException) -> str:
     return message.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become "?"
 
 
-def handler_failure(exc: BaseException) -> Failure:
-    """The failure a handler's exception becomes: its type and message, no traceback."""
-    return Failure(HANDLER_ERROR, describe(exc), type(exc).__name__)
+def handler_failure(exc: BaseException, attempts: int = 1) -> Failure:
+    """The failure a handler's exception becomes: its type and message, no traceback, and
+    how many times the handler ran."""
+    return Failure(HANDLER_ERROR, describe(exc), type(exc).__name__, attempts=attempts)
 
 
 def abandoned(node_id: str) -> Failure:

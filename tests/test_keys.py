@@ -329,54 +329,121 @@ async def test_a_bad_key_from_a_foreign_client_is_a_bad_request(
 # ----- the interface of retries and durable intake -----------------------------------------
 
 
+async def test_a_retry_keeps_its_key_while_it_waits(transport_url: str) -> None:
+    """A failed attempt waits its backoff without a slot but keeps its key: the key's next
+    event waits for the retry to end; other keys run meanwhile."""
+    backoff = {"initial": 0.2, "jitter": "none"}
+    config = {"patterns": {"ledger": {"max_attempts": 2, "on_error": "retry", "backoff": backoff}}}
+    async with make_system(
+        transport_url, delivery=config, concurrency={"patterns": {"ledger": {"max_concurrent": 1}}}
+    ) as system:
+        ledger = system.create_node("ledger")
+        order: list[str] = []
+
+        @ledger.on("op")
+        async def op(event: happen.Event, context: dict[str, Any]) -> str:
+            order.append(f"{event.payload}/{event.delivery}")
+            if event.payload == "a1" and event.delivery == 1:
+                raise ConnectionError("try again")
+            return str(event.payload)
+
+        client = system.create_node("client")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(send, client, "a1", "a"))
+            await eventually(lambda: ledger.stats().retrying == 1)
+            tg.start_soon(functools.partial(send, client, "a2", "a"))
+            await eventually(lambda: ledger.stats().keyed_waiting == 1)
+            stats = ledger.stats()
+            assert (stats.active, stats.keys_active) == (0, 1), "no slot, but the key"
+            assert await send(client, "b1", "b") == "b1"  # another key runs meanwhile
+        assert order == ["a1/1", "b1/1", "a1/2", "a2/1"]
+
+
+async def test_a_dead_letter_releases_the_key_once_delivered(transport_url: str) -> None:
+    config = {"patterns": {"ledger": {"max_attempts": 1, "dead_letter": "dlq"}}}
+    async with make_system(transport_url, delivery=config) as system:
+        ledger = system.create_node("ledger")
+        order: list[str] = []
+
+        @ledger.on("op")
+        async def op(event: happen.Event, context: dict[str, Any]) -> str:
+            order.append(str(event.payload))
+            if event.payload == "a1":
+                raise ValueError("bad")
+            return str(event.payload)
+
+        dlq = system.create_node("dlq")
+        letter_may_land = anyio.Event()
+
+        @dlq.on("happen.dead_letter")
+        async def dead(event: happen.Event, context: dict[str, Any]) -> None:
+            await letter_may_land.wait()
+            order.append("dead letter of " + str(event.payload["event"]["payload"]))
+
+        client = system.create_node("client")
+        async with anyio.create_task_group() as tg:
+
+            async def first() -> None:
+                with pytest.raises(happen.HandlerError):
+                    await send(client, "a1", "a")
+
+            tg.start_soon(first)
+            await eventually(lambda: ledger.stats().dead_letters_pending == 1)
+            tg.start_soon(functools.partial(send, client, "a2", "a"))
+            await eventually(lambda: ledger.stats().keyed_waiting == 1)
+            assert ledger.stats().keys_active == 1  # held until the dead letter is delivered
+            letter_may_land.set()
+        assert order == ["a1", "dead letter of a1", "a2"]
+        stats = ledger.stats()
+        assert (stats.dead_lettered, stats.completed, stats.keys_active) == (1, 1, 0)
+
+
 class Item:
     def __init__(self, name: str, key: str | None) -> None:
         self.name = name
         self.key = key
 
 
-async def test_a_retry_keeps_its_key_and_a_final_outcome_releases_it() -> None:
-    """The mailbox's key interface, as retries and dead letters use it: a run that keeps
-    its key (``keep_key``) leaves the key's later events waiting, without a slot, until the
-    event is offered again and ends, or ``release_key`` gives its key up."""
+async def test_the_mailbox_keeps_a_key_across_retries_and_dead_letters() -> None:
+    """The mailbox's key interface, as retries and dead letters use it: an item held to run
+    again (``later``) keeps its key, without a slot; a run marked ``keep_key`` (its dead
+    letter is on its way) keeps it until ``release_key``. The key's later items wait."""
     ran: list[str] = []
     async with anyio.create_task_group() as tg:
 
         def spawn(fn: Any, *args: Any) -> None:
             tg.start_soon(fn, *args)
 
-        settings = ConcurrencySettings(max_concurrent=2)
-        mailbox: Mailbox[Item] = Mailbox(settings, spawn)
-        retry_once: set[str] = {"a1", "b1"}
+        mailbox: Mailbox[Item] = Mailbox(ConcurrencySettings(max_concurrent=2), spawn)
 
         async def run(item: Item, scope: anyio.CancelScope) -> None:
             ran.append(item.name)
-            if item.name in retry_once:
-                retry_once.discard(item.name)
-                mailbox.keep_key(item)  # it will run again (or settle) later
+            if item.name == "a1" and ran.count("a1") == 1:
+                mailbox.later(item, 0.05)  # a retry, after its backoff
+            elif item.name == "b1":
+                mailbox.keep_key(item)  # dead-lettered: settled once the letter is delivered
             await anyio.lowlevel.checkpoint()
 
         mailbox.serve(run, _nothing)
         a1, a2, b1, b2 = Item("a1", "a"), Item("a2", "a"), Item("b1", "b"), Item("b2", "b")
         for item in (a1, a2, b1, b2):
             assert mailbox.offer(item)
-        await eventually(lambda: ran == ["a1", "b1"] and mailbox.active == 0)
-        # Both first attempts ended, keeping their keys: no slot is taken, a2 and b2 wait.
+        await eventually(lambda: sorted(ran) == ["a1", "b1"] and mailbox.active == 0)
         stats = mailbox.stats()
         assert (stats.active, stats.queued, stats.keyed_waiting, stats.keys_active) == (
             0,
             2,
             2,
             2,
-        )
-        assert mailbox.offer(a1)  # the retry of a1 runs, then a2
-        await eventually(lambda: ran[-2:] == ["a1", "a2"])
+        ), "no slot is held, both keys are, a2 and b2 wait"
+        await eventually(lambda: ran[-2:] == ["a1", "a2"])  # the retry ran, then a2
         assert "b2" not in ran
-        mailbox.release_key(b1)  # b1 ends between runs (dead-lettered): b2 may run
+        mailbox.release_key(b1)  # b1's dead letter was delivered: b2 may run
         await eventually(lambda: ran[-1] == "b2")
         tg.cancel_scope.cancel()
     stats = mailbox.stats()
     assert (stats.queued, stats.keyed_waiting, stats.keys_active) == (0, 0, 0)
+    assert stats.accepted == 4, "a retry is not accepted again"
 
 
 async def _nothing() -> None:

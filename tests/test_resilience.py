@@ -170,7 +170,7 @@ def test_arbitrary_frames_never_break_a_node(batch: list[bytes]) -> None:
             assert codes <= {"bad_request", "no_handler", "queue_full", "timeout"}, codes
             stats = node.stats()
             assert stats.accepted + stats.rejected == len(batch)
-            assert stats.completed + stats.failed == stats.accepted
+            assert stats.completed + stats.failed + stats.dead_lettered == stats.accepted
             # and it keeps serving
             client = system.create_node("client")
             assert await client.send("n", {"type": "x"}) == "ok"
@@ -489,7 +489,7 @@ async def test_stop_under_load_answers_every_caller_and_counts_everything(
     assert set(outcomes) <= {"result", "TransportError", "SystemStoppedError"}, outcomes
     stats = node.stats()
     assert stats.accepted == 200 and stats.active == 0 and stats.queued == 0
-    assert stats.completed + stats.failed == 200
+    assert stats.completed + stats.failed + stats.dead_lettered == 200
     assert stats.completed == outcomes.get("result", 0)
 
 
