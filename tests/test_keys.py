@@ -398,6 +398,34 @@ async def test_a_dead_letter_releases_the_key_once_delivered(transport_url: str)
         assert (stats.dead_lettered, stats.completed, stats.keys_active) == (1, 1, 0)
 
 
+async def test_a_durable_nodes_keyed_events_run_one_at_a_time_in_order(
+    transport_url: str,
+) -> None:
+    """``enqueue(..., key=)`` and ``send(..., key=)`` to a durable node: stored with their
+    key; the instance that fetches them runs a key's events one at a time, in log order."""
+    recorder = Recorder()
+    config = {"patterns": {"ledger": {"durable": True, "ack_wait": 5.0}}}
+    async with make_system(
+        transport_url, delivery=config, concurrency={"patterns": {"ledger": {"max_concurrent": 8}}}
+    ) as system:
+        ledger = system.create_node("ledger")
+        ledger.on("op", recorder.handler(jitter=0.003))
+        client = system.create_node("client")
+        for n in range(30):
+            receipt = await client.enqueue("ledger", {"type": "op", "payload": n}, key=f"k{n % 3}")
+            assert not receipt.duplicate
+        assert (await send(client, "last", "k0"))["key"] == "k0"
+        await eventually(lambda: ledger.stats().completed == 31, WAIT)
+        with pytest.raises(happen.InvalidIdError):
+            await client.enqueue("ledger", {"type": "op"}, key="")
+        with pytest.raises(TypeError):
+            await client.enqueue("ledger", {"type": "op"}, key=7)  # type: ignore[arg-type]
+    assert recorder.overlaps == []
+    for k in range(3):
+        assert recorder.order(f"k{k}")[:10] == list(range(k, 30, 3))
+    assert recorder.order("k0")[-1] == "last"
+
+
 class Item:
     def __init__(self, name: str, key: str | None) -> None:
         self.name = name
