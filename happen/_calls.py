@@ -43,7 +43,13 @@ from happen._errors import (
     ValidationError,
 )
 from happen._events import Event, IdGenerator, new_context, with_id
-from happen._ids import validate_event_id, validate_event_type, validate_key, validate_node_id
+from happen._ids import (
+    MAX_KEY,
+    validate_event_id,
+    validate_event_type,
+    validate_key,
+    validate_node_id,
+)
 from happen._mailbox import Mailbox
 from happen._observe import CallObserver, CallWatch
 from happen._pressure import RemoteGate
@@ -656,8 +662,8 @@ class Caller:
         ``event_id`` is the event's id (a new one when left out)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        if key is not None:
-            validate_key(key)
+        if key is not None and not (type(key) is str and 0 < len(key) <= MAX_KEY and key.isascii()):
+            validate_key(key)  # (the common case checked cheaply)
         timeout_ms = None
         if timeout is not None:
             if not timeout > 0:

@@ -366,7 +366,8 @@ class Mailbox(Generic[Item]):
         if full and self.active >= self._max:
             return False
         keys = self.keys
-        if keys.take(key, item):
+        holder = keys.holders.get(key)
+        if (holder is None or holder is item) and keys.take(key, item):
             if self.active < self._max:  # (then nothing eligible is queued)
                 self.active += 1
                 self.accepted += 1
@@ -525,11 +526,19 @@ class Mailbox(Generic[Item]):
                 try:
                     await self._run(item, scope)
                 finally:
-                    if key is not None:  # unless it keeps it, the key's next item holds
-                        entry = self.keys.ran(key, item)  # it and queues, so that the slot
-                        if entry is not None:  # freed goes to the oldest eligible item
-                            self._queue(entry)
-                    self._free_slot()  # however the item ended: done, abandoned, stopped
+                    entry = None if key is None else self.keys.ran(key, item)
+                    if entry is None:
+                        self._free_slot()  # however the item ended: done, abandoned, stopped
+                    elif self._due or self.queued - self.keys.waiting > 1:
+                        # The key's next item holds it now and queues by its arrival, so the
+                        # slot freed goes to the oldest eligible item.
+                        self._queue(entry)
+                        self._free_slot()
+                    else:  # it is the only eligible item: the slot passes straight to it
+                        self.queued -= 1
+                        self._ready.append(entry[2])
+                        if self.queued < self._pressure_at:
+                            self._wake_waiters()
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
                 if self.owes_acks and self.queued < self._pressure_at:
