@@ -252,6 +252,7 @@ class Intake:
         self._spawn = spawn
         self._consumers: tuple[LogConsumer, ...] = ()
         self._scopes: list[anyio.CancelScope] = []
+        self._idle: set[anyio.CancelScope] = set()  # waits a stop may cut short
         self._stopping = False
         self._running = 0  # fetch loops still running
         self._stopped: anyio.Event | None = None
@@ -274,6 +275,8 @@ class Intake:
         if not self._consumers or self._stopping:
             return
         self._stopping = True
+        for idle in self._idle:
+            idle.cancel()  # (a fetch in flight is let finish: what it got is handed back)
         with anyio.move_on_after(FETCH_WAIT * 4):
             assert self._stopped is not None
             await self._stopped.wait()
@@ -294,7 +297,7 @@ class Intake:
                 while not self._stopping:
                     free = slots.free_slots()
                     if free < 1:
-                        await slots.wait_free_slot()
+                        await self._pause(slots.wait_free_slot())
                         continue
                     try:
                         deliveries = await consumer.fetch(free, timeout=FETCH_WAIT)
@@ -302,7 +305,7 @@ class Intake:
                         log.warning(
                             "node %r could not fetch its durable events: %s", self.node_id, exc
                         )
-                        await anyio.sleep(RETRY_WAIT)
+                        await self._pause(anyio.sleep(RETRY_WAIT))
                         continue
                     for delivery in deliveries:
                         await self._admit(delivery, broadcast)
@@ -310,6 +313,15 @@ class Intake:
                 self._running -= 1
                 if self._running == 0 and self._stopped is not None:
                     self._stopped.set()
+
+    async def _pause(self, wait: Awaitable[None]) -> None:
+        """Wait for ``wait``, unless the intake stops meanwhile."""
+        with anyio.CancelScope() as idle:
+            self._idle.add(idle)
+            try:
+                await wait
+            finally:
+                self._idle.discard(idle)
 
     async def _keep_alive(self, events: LogConsumer) -> None:
         """Every third of ``ack_wait``: tell the log the held events are still being worked

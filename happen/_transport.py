@@ -157,6 +157,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 #: ``max_payload - KV_HEADROOM`` bytes long.
 KV_HEADROOM = 64
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+")
 
 
@@ -484,7 +485,7 @@ def check_append(msg_id: object, headers: Mapping[str, str] | None) -> None:
         not isinstance(msg_id, str)
         or not 0 < len(msg_id) <= MAX_MSG_ID
         or msg_id != msg_id.strip()
-        or any(ord(c) < 32 or ord(c) == 127 for c in msg_id)
+        or _CONTROL.search(msg_id) is not None
     ):
         raise TransportError(
             f"invalid message id {msg_id!r}: 1-{MAX_MSG_ID} characters, without control "
