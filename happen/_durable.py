@@ -275,6 +275,9 @@ class Intake:
         if not self._consumers or self._stopping:
             return
         self._stopping = True
+        if all(consumer.fetch_cancellable for consumer in self._consumers):
+            for scope in self._scopes:
+                scope.cancel()
         for idle in self._idle:
             idle.cancel()  # (a fetch in flight is let finish: what it got is handed back)
         with anyio.move_on_after(FETCH_WAIT * 4):

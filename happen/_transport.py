@@ -339,6 +339,13 @@ class LogConsumer(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def fetch_cancellable(self) -> bool:
+        """Whether a fetch may be cancelled without losing what it would have returned:
+        ``False`` where messages already on their way to a cancelled fetch stay unsettled
+        until ``ack_wait`` (NATS)."""
+        ...
+
     async def fetch(self, n: int, *, timeout: float) -> list[Delivery]:
         """Up to ``n`` deliveries (``n >= 1``): redeliveries that are due first, then new
         messages, in log order. Returns as soon as at least one is available, or ``[]``

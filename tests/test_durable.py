@@ -22,7 +22,7 @@ from tests.helpers import eventually, subscriptions_live, unique_namespace
 
 pytestmark = pytest.mark.anyio
 
-ACK = 1.0  # the ack_wait of the durable nodes in these tests
+ACK = 0.5  # the ack_wait of the durable nodes in these tests
 WAIT = 10  # seconds; a test that needs this long has failed
 
 
@@ -288,8 +288,8 @@ async def test_a_handler_running_longer_than_ack_wait_is_not_delivered_again(
     make_transport: Callable[[], Transport],
 ) -> None:
     ns = unique_namespace()
-    one = happen.System(transport=make_transport(), namespace=ns, delivery=durable(0.3))
-    two = happen.System(transport=make_transport(), namespace=ns, delivery=durable(0.3))
+    one = happen.System(transport=make_transport(), namespace=ns, delivery=durable(0.2))
+    two = happen.System(transport=make_transport(), namespace=ns, delivery=durable(0.2))
     runs: list[str] = []
     for system in (one, two):
         node = system.create_node("worker")
@@ -297,7 +297,7 @@ async def test_a_handler_running_longer_than_ack_wait_is_not_delivered_again(
         @node.on("slow")
         async def slow(event: happen.Event, context: dict[str, Any], who: str = system.id) -> str:
             runs.append(who)
-            await anyio.sleep(1.2)  # four ack_waits
+            await anyio.sleep(0.8)  # four ack_waits
             return "done"
 
     async with one, two:
