@@ -9,7 +9,7 @@ the RSS before the burst) minus the control's: what the node and its client cost
 sending tasks themselves. The backpressure threshold is 1.0 so that in-process senders are
 rejected rather than suspended (suspended senders would wait on a handler that is held shut).
 Then the handler is released and node.stats() must account for every event:
-accepted + rejected + dropped == sent, completed + failed == accepted.
+accepted + rejected + dropped == sent, completed + failed + dead_lettered == accepted.
 
 latency: the node's capacity is measured first (send->reply with 100 in flight), then an
 open-loop driver issues a send every 1/(capacity/2) s without waiting for replies; p50 and
@@ -133,7 +133,7 @@ async def burst(queue_limit: int) -> dict[str, Any]:
     final = _happen.stats_dict(stats)
     accounted = (
         _admitted(stats) == sent
-        and stats.completed + stats.failed == stats.accepted
+        and stats.completed + stats.failed + stats.dead_lettered == stats.accepted
         and outcomes["replied"] + outcomes["rejected"] + outcomes["other"] == sent
     )
     return {

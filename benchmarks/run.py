@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable,
     ROOT = Path(__file__).resolve().parent.parent
     sys.path[0] = str(ROOT)
 
-from benchmarks import load, memory, over_nats, peers, state
+from benchmarks import durable, keys, load, memory, over_nats, peers, state
 from benchmarks._harness import (
     LOOPS,
     Config,
@@ -58,7 +58,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def all_scenarios() -> list[Scenario]:
-    scenarios = memory.SCENARIOS + over_nats.SCENARIOS + state.SCENARIOS
+    scenarios = (
+        memory.SCENARIOS
+        + over_nats.SCENARIOS
+        + state.SCENARIOS
+        + durable.SCENARIOS
+        + keys.SCENARIOS
+    )
     if peers.available():
         scenarios += peers.SCENARIOS
     return scenarios + load.SCENARIOS

@@ -2,8 +2,11 @@
 
 from happen._calls import Stream
 from happen._config import ConcurrencySettings
+from happen._delivery import Backoff, DeliverySettings
+from happen._durable import Receipt
 from happen._errors import (
     CodecError,
+    DuplicateEventError,
     HandlerError,
     HappenError,
     HostLostError,
@@ -13,6 +16,8 @@ from happen._errors import (
     NoHandlerError,
     PayloadTooLargeError,
     QueueFullError,
+    Reject,
+    Retry,
     SendTimeout,
     SystemStoppedError,
     TransportError,
@@ -28,12 +33,15 @@ from happen._system import System
 from happen._transport import Message, Subscription, Transport, TransportListener
 
 __all__ = [
+    "Backoff",
     "CallNext",
     "CallObserver",
     "CallWatch",
     "CausalContext",
     "CodecError",
     "ConcurrencySettings",
+    "DeliverySettings",
+    "DuplicateEventError",
     "Event",
     "HandlerError",
     "HappenError",
@@ -49,6 +57,9 @@ __all__ = [
     "NodeStats",
     "PayloadTooLargeError",
     "QueueFullError",
+    "Receipt",
+    "Reject",
+    "Retry",
     "SendTimeout",
     "StateConflict",
     "StateView",

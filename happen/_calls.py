@@ -27,10 +27,13 @@ else:  # a TypeVar default (PEP 696): a bare ``happen.Stream`` means ``Stream[An
 from happen import _wire as p
 from happen._broadcast import LocalBroadcastStreams
 from happen._codec import path_of
+from happen._durable import DurableLogs, Receipt
 from happen._errors import (
     CodecError,
+    DuplicateEventError,
     HandlerError,
     HappenError,
+    InvalidConfigError,
     InvalidIdError,
     NoHandlerError,
     QueueFullError,
@@ -39,8 +42,14 @@ from happen._errors import (
     TransportError,
     ValidationError,
 )
-from happen._events import Event, IdGenerator, new_context
-from happen._ids import validate_event_type, validate_node_id
+from happen._events import Event, IdGenerator, new_context, with_id
+from happen._ids import (
+    MAX_KEY,
+    validate_event_id,
+    validate_event_type,
+    validate_key,
+    validate_node_id,
+)
 from happen._mailbox import Mailbox
 from happen._observe import CallObserver, CallWatch
 from happen._pressure import RemoteGate
@@ -58,11 +67,14 @@ def failure_to_error(frame: p.Failure, target: str, event_type: str | None = Non
     """The exception a caller sees for a failure reply from node ``target``."""
     code = frame.code
     if code == p.HANDLER_ERROR:
+        attempts = frame.attempts
+        after = f" (after {attempts} attempts)" if attempts > 1 else ""
         return HandlerError(
-            f"handler on node {target!r} raised {frame.error_type}: {frame.message}",
+            f"handler on node {target!r} raised {frame.error_type}: {frame.message}{after}",
             remote_type=frame.error_type,
             remote_message=frame.message,
             node_id=target,
+            attempts=attempts,
         )
     if code == p.QUEUE_FULL:
         return QueueFullError(
@@ -123,6 +135,7 @@ class Call:
         "allowed",
         "caller",
         "control",
+        "durable",
         "ended",
         "gate",
         "heard",
@@ -164,6 +177,9 @@ class Call:
         self.received = 0
         self.heard = 0  # frames received so far (the liveness monitor watches it change)
         self.live_seen = -1  # ``heard`` at the liveness monitor's last tick (-1: not seen yet)
+        #: To a durable node: stored first, then it waits for the result of whichever
+        #: instance runs it (not judged by liveness until its stream starts).
+        self.durable = False
         self._frames: deque[Any] | None = None  # made when the first frame comes
         self._wake: Signal | None = None
 
@@ -550,8 +566,10 @@ class Caller:
         local_mailbox: Callable[[str], Mailbox[Any] | None],
         local_listeners: Callable[[str], list[Mailbox[Any]]],
         broadcast_streams: LocalBroadcastStreams,
+        durable: DurableLogs | None = None,
     ) -> None:
         self.wire = wire
+        self.durable = durable
         self.runtime = runtime
         self.window = window
         self._ids = ids
@@ -599,6 +617,60 @@ class Caller:
             )
         return target_id, validate_event_type(event["type"]), event.get("payload")
 
+    def stores(self, target_id: str) -> bool:
+        """Whether ``target_id`` is a durable node (its events are stored first)."""
+        durable = self.durable
+        return durable is not None and durable.any_durable and durable.durable(target_id)
+
+    def new_call(self, target_id: str) -> Call:
+        call = Call(self, target_id)
+        if self.stores(target_id):
+            call.durable = True
+        return call
+
+    async def enqueue(
+        self,
+        sender: str,
+        target: Any,
+        event: Any,
+        event_id: str | None = None,
+        key: str | None = None,
+    ) -> Receipt:
+        """Store ``event`` for the durable node ``target``; returns once it is stored."""
+        target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
+        if key is not None:
+            validate_key(key)
+        durable = self.durable
+        if durable is None or not durable.durable(target_id):
+            raise InvalidConfigError(
+                f"node {target_id!r} is not durable: enqueue stores events for durable nodes "
+                f"only (delivery={{'patterns': {{{target_id!r}: {{'durable': True}}}}}})"
+            )
+        trace = None
+        watch = None
+        if self.observer is not None:
+            watch = self.observer.call_started("enqueue", sender, target_id, event_type)
+            trace = watch.trace
+        try:
+            context = new_context(self._ids, sender, trace)
+            if event_id is not None:
+                context = with_id(context, event_id)
+            frame = p.Request(
+                event_type, payload, context, 0, self.window, None, self._system_id, key=key
+            )
+            data = self.wire.encode(frame)
+            self.check_running()
+            receipt = await durable.append(target_id, data, msg_id=context.id)
+        except BaseException as exc:
+            if watch is not None:
+                watch.ended(exc)
+            raise
+        if watch is not None:
+            watch.ended(None)
+        return receipt
+
     def request_frame(
         self,
         sender: str,
@@ -608,10 +680,15 @@ class Caller:
         priority: int,
         call: Call,
         trace: str | None = None,
+        event_id: str | None = None,
+        key: str | None = None,
     ) -> tuple[p.Request, bytes]:
-        """The request frame and its encoding (encoded now, so bad payloads fail here)."""
+        """The request frame and its encoding (encoded now, so bad payloads fail here);
+        ``event_id`` is the event's id (a new one when left out)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
+        if key is not None and not (type(key) is str and 0 < len(key) <= MAX_KEY and key.isascii()):
+            validate_key(key)  # (the common case checked cheaply)
         timeout_ms = None
         if timeout is not None:
             if not timeout > 0:
@@ -619,7 +696,9 @@ class Caller:
             # The node's deadline is a little earlier than the caller's, so that the node's
             # own "timed out" answer (naming the handler) arrives before the caller gives up.
             timeout_ms = max(1, int(timeout * 1000 - min(50.0, timeout * 100)))
-        context = new_context(self._ids, sender, trace)
+        if call.durable:
+            timeout_ms = None  # stored: the caller's timeout bounds its own wait only
+        context = new_context(self._ids, sender, trace, event_id)
         frame = p.Request(
             event_type,
             payload,
@@ -629,6 +708,7 @@ class Caller:
             timeout_ms,
             self._system_id,
             seal=self.wire.seal_for(call.token),
+            key=key,
         )
         return frame, self.wire.codec.encode(frame)
 
@@ -640,8 +720,13 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        *,
+        event_id: str | None = None,
+        key: str | None = None,
     ) -> Any:
         target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
         result: Any
         if self.observer is not None:
             result = await self._send_watched(
@@ -652,10 +737,14 @@ class Caller:
                 payload,
                 timeout,
                 priority,
+                event_id,
+                key,
             )
         else:
-            call = Call(self, target_id)
-            frame, data = self.request_frame(sender, event_type, payload, timeout, priority, call)
+            call = self.new_call(target_id)
+            frame, data = self.request_frame(
+                sender, event_type, payload, timeout, priority, call, None, event_id, key
+            )
             if timeout is None:  # (no scope to enter: one coroutine less on every resume)
                 opening = self._open(call, frame, data)
             else:
@@ -681,11 +770,13 @@ class Caller:
         payload: Any,
         timeout: float | None,
         priority: int,
+        event_id: str | None = None,
+        key: str | None = None,
     ) -> Any:
         try:
-            call = Call(self, target_id)
+            call = self.new_call(target_id)
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, watch.trace
+                sender, event_type, payload, timeout, priority, call, watch.trace, event_id, key
             )
             opening = self._open_within(timeout, call, frame, data)
             del frame, data  # (not kept while the call waits)
@@ -706,16 +797,20 @@ class Caller:
         timeout: float | None,
         priority: int,
         convert: Callable[[Any], Any] | None = None,
+        event_id: str | None = None,
+        key: str | None = None,
     ) -> Stream[Any]:
         target_id, event_type, payload = self.prepare(target, event)
+        if event_id is not None:
+            event_id = validate_event_id(event_id)
         watch = None
         if self.observer is not None:
             watch = self.observer.call_started("stream", sender, target_id, event_type)
-        call = Call(self, target_id)
+        call = self.new_call(target_id)
         try:
             trace = watch.trace if watch is not None else None
             frame, data = self.request_frame(
-                sender, event_type, payload, timeout, priority, call, trace
+                sender, event_type, payload, timeout, priority, call, trace, event_id, key
             )
         except BaseException as exc:
             if watch is not None:
@@ -760,6 +855,8 @@ class Caller:
             await runtime.settled()
         target = call.target
         wire = self.wire
+        if call.durable:
+            return await self._open_durable(call, frame, data)
         mailbox = self._local_mailbox(target)
         if mailbox is not None:
             while mailbox.holds_local_senders():
@@ -796,6 +893,37 @@ class Caller:
             with anyio.CancelScope(shield=True):
                 await self.abandon(call)
             raise
+        return self._first_reply(call, event_type, first)
+
+    async def _open_durable(self, call: Call, frame: p.Request, data: bytes) -> Any:
+        """Store a request for a durable node; return the first reply of whichever
+        instance runs it. A caller that gives up forgets the call: the event stays stored
+        and runs all the same."""
+        durable = self.durable
+        assert durable is not None and frame.context is not None
+        wire = self.wire
+        wire.register(call, call.token)
+        try:
+            receipt = await durable.append(
+                call.target, data, msg_id=frame.context.id, reply=wire.inbox_prefix + call.token
+            )
+            if receipt.duplicate:
+                raise DuplicateEventError(
+                    f"event id {frame.context.id!r} was stored for durable node "
+                    f"{call.target!r} before, within its dedup_window: it is not stored or "
+                    f"run again, and its result goes to the first caller",
+                    event_id=frame.context.id,
+                    node_id=call.target,
+                    seq=receipt.seq,
+                )
+            first = await call.next_frame()
+        except BaseException:
+            self.forget(call)
+            raise
+        return self._first_reply(call, frame.type, first)
+
+    def _first_reply(self, call: Call, event_type: str, first: Any) -> Any:
+        target = call.target
         kind = type(first)
         if kind is p.StreamStart:
             return first
@@ -840,7 +968,11 @@ class Caller:
         context = new_context(self._ids, sender, trace)
         if stream is None:
             self.check_running()
-            await wire.publish(subject, p.Broadcast(event_type, payload, context))
+            frame = p.Broadcast(event_type, payload, context)
+            durable = self.durable
+            if durable is not None and durable.any_durable:  # stored for durable nodes first
+                await durable.append_broadcast(event_type, wire.encode(frame), msg_id=context.id)
+            await wire.publish(subject, frame)
             return
         stream_id = self._ids()
         self.check_running()

@@ -10,7 +10,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from happen._errors import InvalidConfigError
 
-__all__ = ["ConcurrencyConfig", "ConcurrencySettings"]
+__all__ = ["ConcurrencyConfig", "ConcurrencySettings", "specificity"]
 
 MaxConcurrent = Annotated[int, Meta(ge=1)]
 QueueLimit = Annotated[int, Meta(ge=0)]
@@ -45,7 +45,8 @@ class _Config(msgspec.Struct, forbid_unknown_fields=True):
     patterns: dict[str, _Overrides] = msgspec.field(default_factory=dict)
 
 
-def _specificity(pattern: str) -> int:
+def specificity(pattern: str) -> int:
+    """How specific a node-id glob is: its literal characters (more is more specific)."""
     return sum(1 for c in pattern if c not in "*?[]!")
 
 
@@ -82,7 +83,7 @@ class ConcurrencyConfig:
         config = _Config(default=default, patterns=patterns)
         self._default = _apply(ConcurrencySettings(), config.default)
         # least specific first, so the most specific is applied last; ties keep order
-        self._patterns = sorted(config.patterns.items(), key=lambda kv: _specificity(kv[0]))
+        self._patterns = sorted(config.patterns.items(), key=lambda kv: specificity(kv[0]))
 
     def resolve(self, node_id: str) -> ConcurrencySettings:
         """The settings for ``node_id``: defaults, then every matching pattern in turn."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CodecError",
+    "DuplicateEventError",
     "HandlerError",
     "HappenError",
     "HostLostError",
@@ -13,6 +14,8 @@ __all__ = [
     "NodeNotFoundError",
     "PayloadTooLargeError",
     "QueueFullError",
+    "Reject",
+    "Retry",
     "SendTimeout",
     "SystemStoppedError",
     "TransportError",
@@ -84,9 +87,26 @@ class QueueFullError(HappenError):
         self.queued = queued
 
 
+class DuplicateEventError(HappenError):
+    """``send`` or ``stream`` to a durable node with an event id (``id=``) stored before
+    within the node's ``dedup_window``: the event is not stored or run again, and its
+    result goes to the caller that stored it first. ``event_id``, ``node_id`` and ``seq``
+    (the first copy's sequence in the node's log) say which. ``enqueue`` reports the same
+    as ``Receipt.duplicate``."""
+
+    __module__ = "happen"
+
+    def __init__(self, message: str, *, event_id: str, node_id: str, seq: int) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+        self.node_id = node_id
+        self.seq = seq
+
+
 class HandlerError(HappenError):
     """The handler raised; ``remote_type`` and ``remote_message`` describe its exception,
-    ``node_id`` names the node where it ran (``None`` when unknown)."""
+    ``node_id`` names the node where it ran (``None`` when unknown), and ``attempts`` says how
+    many times it ran before the node gave up (1 unless the node retries; see ``Retry``)."""
 
     __module__ = "happen"
 
@@ -97,11 +117,13 @@ class HandlerError(HappenError):
         remote_type: str,
         remote_message: str,
         node_id: str | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(message)
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.node_id = node_id
+        self.attempts = attempts
 
 
 class SendTimeout(HappenError, TimeoutError):
@@ -165,3 +187,41 @@ class HostLostError(TransportError):
     def __init__(self, message: str, *, node_id: str) -> None:
         super().__init__(message)
         self.node_id = node_id
+
+
+class Retry(HappenError):
+    """Raised by a handler to ask for another attempt, whatever the node's ``on_error`` says.
+
+    The event runs again after ``delay`` seconds (``None``: the node's backoff), while
+    attempts remain (``max_attempts`` counts every execution, the first included); after the
+    last one it fails like any other error (or is dead-lettered). A retry that waits holds
+    no concurrency slot. Raises ``ValueError`` for a negative or non-numeric ``delay``.
+    """
+
+    __module__ = "happen"
+
+    def __init__(self, delay: float | None = None) -> None:
+        if delay is not None and (
+            type(delay) not in (int, float) or not delay >= 0 or delay == float("inf")
+        ):
+            raise ValueError(f"Retry delay must be None or finite seconds >= 0, not {delay!r}")
+        when = "after the backoff" if delay is None else f"in {delay} s"
+        super().__init__(f"the handler asked to be retried {when}")
+        self.delay = delay
+
+    def __reduce__(self) -> tuple[type[Retry], tuple[float | None]]:
+        # Raised in a worker process, it travels back pickled with its delay.
+        return (Retry, (self.delay,))
+
+
+class Reject(HappenError):
+    """Raised by a handler to refuse an event for good: it is never retried, whatever
+    ``max_attempts`` and ``on_error`` say, and is dead-lettered when the node has a
+    dead-letter node (else it fails). The caller gets ``HandlerError`` with ``remote_type``
+    ``"Reject"`` and ``reason`` as its message."""
+
+    __module__ = "happen"
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -17,7 +17,14 @@ if sys.version_info >= (3, 13):
 else:  # a TypeVar default (PEP 696): a bare ``happen.Event`` means ``Event[Any]``
     from typing_extensions import TypeVar
 
-__all__ = ["CausalContext", "Event", "current_event", "external_context", "new_context"]
+__all__ = [
+    "CausalContext",
+    "Event",
+    "current_event",
+    "external_context",
+    "new_context",
+    "with_id",
+]
 
 #: How many node ids ``CausalContext.path`` keeps: the last hops of the flow. A flow that
 #: travels further keeps counting in ``hops``, so neither a frame nor the cost of a send grows
@@ -68,6 +75,12 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
 
     In a handler of a streamed broadcast, ``stream`` is an async iterator of the items the
     broadcaster publishes; otherwise it is ``None``.
+
+    ``delivery`` is the attempt number, 1 on the first execution of this event on its node,
+    2 on the first retry, and so on (see the node's ``max_attempts``).
+
+    ``key`` is the key it was sent with (``send(..., key=...)``): at most one event of a key
+    runs at a time on the node, in the order the node accepted them. ``None``: unkeyed.
     """
 
     type: str
@@ -76,6 +89,8 @@ class Event(msgspec.Struct, Generic[P], frozen=True):
         default_factory=lambda: CausalContext(id="", sender="", correlation_id="")
     )
     stream: AsyncIterator[Any] | None = None
+    delivery: int = 1
+    key: str | None = None
 
 
 #: The event whose handler is running in the current task (None outside handlers).
@@ -103,13 +118,17 @@ def external_context(ids: IdGenerator) -> CausalContext:
     return CausalContext(event_id, "external", event_id, ("external",))
 
 
-def new_context(ids: IdGenerator, sender: str, trace: str | None = None) -> CausalContext:
+def new_context(
+    ids: IdGenerator, sender: str, trace: str | None = None, event_id: str | None = None
+) -> CausalContext:
     """The context of an event sent by ``sender`` now, inheriting from the running handler.
 
     Constant cost per hop: the path keeps its last ``PATH_LENGTH`` ids and ``hops`` counts.
-    ``trace`` (the sending call's traceparent) defaults to the handled event's.
+    ``trace`` (the sending call's traceparent) defaults to the handled event's; ``event_id``
+    (a new unique id when left out) is the event's id.
     """
-    event_id = ids()
+    if event_id is None:
+        event_id = ids()
     parent = current_event.get()
     now = time.time_ns() // 1_000_000
     if parent is None:
@@ -129,3 +148,11 @@ def new_context(ids: IdGenerator, sender: str, trace: str | None = None) -> Caus
     return CausalContext(
         event_id, sender, ctx.correlation_id, (*path, sender), now, ctx.id, hops, trace
     )
+
+
+def with_id(context: CausalContext, event_id: str) -> CausalContext:
+    """``context`` with the event id ``event_id`` (an idempotency key the sender chose); a
+    root event's correlation id is its id, so it changes too."""
+    if context.causation_id is None:
+        return msgspec.structs.replace(context, id=event_id, correlation_id=event_id)
+    return msgspec.structs.replace(context, id=event_id)

@@ -129,8 +129,8 @@ class LivenessMonitor:
         # nothing per open call, whatever their number.
         silent: dict[str, list[Call]] = {}
         for call in list(wire.routes.values()):
-            if type(call) is not Call:
-                continue
+            if type(call) is not Call or (call.durable and call.waiting):
+                continue  # (a durable call waits for whichever instance runs its event)
             if call.live_seen < 0:  # new since the last tick
                 call.live_seen = call.heard
                 call.live_quiet = call.live_unheard = call.live_missed = 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import heapq
 import inspect
 import logging
+import random
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -15,18 +16,39 @@ import msgspec
 from happen import _wire as p
 from happen._broadcast import BroadcastStream, LocalBroadcastStreams
 from happen._calls import Caller, Stream
-from happen._errors import CodecError, HappenError, InvalidIdError, ValidationError
+from happen._delivery import (
+    DEAD_LETTER_TYPE,
+    DeadLetters,
+    Decision,
+    DeliverySettings,
+    Outcome,
+    dead_letter_payload,
+    decide,
+)
+from happen._durable import REPLY_HEADER, DurableLogs, Intake, Receipt
+from happen._errors import (
+    CodecError,
+    HappenError,
+    InvalidIdError,
+    PayloadTooLargeError,
+    Reject,
+    Retry,
+    SystemStoppedError,
+    TransportError,
+    ValidationError,
+)
 from happen._events import Event, IdGenerator, current_event, external_context
 from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
-from happen._ids import validate_event_type, validate_node_id
+from happen._ids import MAX_KEY, validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
+from happen._partitions import KeyRouter
 from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
 from happen._signal import Signal
 from happen._state import NodeState, StateStore, StateView
-from happen._transport import Message, Subscription, Transport
+from happen._transport import Delivery, Message, Subscription, Transport
 
 __all__ = ["Node"]
 
@@ -42,20 +64,31 @@ H = TypeVar("H", bound=HandlerFunction)
 M = TypeVar("M", bound=Middleware)
 R = TypeVar("R")
 
+#: Why a dead letter was not delivered: the system stopped first.
+STOPPED = "the system stopped"
 #: Longest a full instance waits for a twin with room before it refuses a request.
 ROOM_WAIT = 0.25
 
 
 class Work:
-    """An admitted event waiting for, or holding, a slot."""
+    """An admitted event waiting for, or holding, a slot.
+
+    ``attempt`` is the number of its current (or next) execution, 1 for the first; while
+    ``pending`` its outcome is still to come after the attempt that ran (it waits to run
+    again, or for its dead letter to be delivered): it stays in the node's in-flight map.
+    """
 
     __slots__ = (
         "abandoned",
+        "attempt",
         "deadline",
+        "delivery",
         "event",
         "handler",
+        "key",
         "made",
         "origin",
+        "pending",
         "reply",
         "scope",
         "seal",
@@ -72,8 +105,10 @@ class Work:
         deadline: float | None,
         seal: str = "",
         origin: str = "",
+        key: str | None = None,
     ) -> None:
         self.event = event
+        self.key = key  # per-key order: the mailbox runs one event of a key at a time
         self.handler = handler
         self.reply = reply
         self.window = window
@@ -84,6 +119,9 @@ class Work:
         self.abandoned = False  # the caller gave up
         self.made: list[Any] | None = None  # generators the handler made, under middleware
         self.taken = False  # a worker took it: it no longer waits in the queue
+        self.delivery: Delivery | None = None  # a durable node's: settled at its outcome
+        self.attempt = 1
+        self.pending = False  # a retry or a dead letter is still to come
 
 
 class Overflow:
@@ -132,15 +170,17 @@ class RoomSearch:
 
 class TwinCensus:
     """The route that hears every twin of a node answer its first ``room`` question (the
-    census it makes when it subscribes): each answer names a twin."""
+    census it makes when it subscribes): each answer names a twin, and says whether the
+    twins share the node's keys (then this instance joins them: ``keys_in_use``)."""
 
-    __slots__ = ("target", "twins")
+    __slots__ = ("keys_in_use", "target", "twins")
     abandoned = False
     secret = ""  # the route protocol's field: nothing to prove
 
-    def __init__(self, node_id: str, twins: set[str]) -> None:
+    def __init__(self, node_id: str, twins: set[str], keys_in_use: Callable[[], None]) -> None:
         self.target = node_id
         self.twins = twins
+        self.keys_in_use = keys_in_use
 
     def feed(self, frame: Any) -> None:
         if type(frame) is p.RoomOffer:
@@ -148,6 +188,8 @@ class TwinCensus:
                 self.twins.add(validate_node_id(frame.instance))
             except InvalidIdError:
                 return
+            if frame.keys:
+                self.keys_in_use()
 
 
 class Node:
@@ -172,8 +214,20 @@ class Node:
         liveness_timeout: float,
         state: StateStore,
         middleware: MiddlewareStack | None = None,
+        delivery: DeliverySettings | None = None,
+        dead_letters: DeadLetters | None = None,
+        durable: DurableLogs | None = None,
     ) -> None:
         self.id = node_id
+        self._durable = durable  # the namespace's durable logs, for a durable node
+        self._intake: Intake | None = None
+        self._held: dict[int, Work] = {}  # durable events this instance holds, by delivery
+        self._delivery = delivery if delivery is not None else DeliverySettings()
+        self._dead_letters = dead_letters if dead_letters is not None else DeadLetters(caller)
+        # Retries, suppression or dead letters may apply: a streaming handler then runs to
+        # its first item before the stream starts, so that a failure before it can be
+        # retried (or suppressed, or dead-lettered) like any other.
+        self._first_item_ahead = not self._delivery.plain
         self._state_store = state
         self._state = NodeState(state, node_id, mailbox)
         self._middleware = middleware if middleware is not None else MiddlewareStack()
@@ -195,6 +249,7 @@ class Node:
         self._direct: Subscription | None = None  # the point-to-point subscription
         self._instance: Subscription | None = None  # requests for this instance only
         self._rooms: Subscription | None = None  # twins asking for room
+        self._keys_news: Subscription | None = None  # changes of the key partitions
         self._twins: set[str] = set()  # system ids of the node's other instances, as heard
         self._census = ""  # the inbox token of the twin census
         self._pings: Subscription | None = None  # liveness pings of callers
@@ -209,6 +264,17 @@ class Node:
         self._searching = False  # a search for room runs
         self._bstreams: dict[str, tuple[BroadcastStream, str]] = {}
         self._refused_types: set[str] = set()  # broadcast types refused (logged once each)
+        self._retries_closed = False  # the system stops: failures are not retried any more
+        self._router = KeyRouter(
+            node_id=node_id,
+            system_id=system_id,
+            mailbox=mailbox,
+            wire=wire,
+            runtime=runtime,
+            lease=liveness_timeout,
+            accept=self._accept_held,
+            answer=self._answer,
+        )
 
     def __repr__(self) -> str:
         return f"<happen.Node {self.id!r}>"
@@ -315,6 +381,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         result_type: type[R],
     ) -> R: ...
 
@@ -326,6 +394,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         result_type: None = None,
     ) -> Any: ...
 
@@ -337,6 +407,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         result_type: object,
     ) -> object: ...
 
@@ -347,6 +419,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         result_type: object = None,
     ) -> Any:
         """Send ``event`` to node ``target`` and return its handler's result.
@@ -354,18 +428,24 @@ class Node:
         When the handler is an async generator, returns a ``Stream`` of its items.
         ``timeout`` (seconds) bounds the wait for the result (or for the stream to open,
         then for each item); ``priority`` orders queues of nodes using the priority strategy.
-        With ``result_type`` (a msgspec Struct, a dataclass, a TypedDict, ``list[Item]``...)
-        the result is converted to that type, and typed so; a type a checker cannot spell
-        as ``type[T]`` (a union) gives ``object``.
+        With ``key`` (a string of 1-256 characters, e.g. an account id), at most one event of
+        that key runs at a time on the target node, across all its instances, in the order
+        the node accepted them; the handler sees it as ``event.key``. With ``result_type``
+        (a msgspec Struct, a dataclass, a TypedDict, ``list[Item]``...) the result is
+        converted to that type, and typed so; a type a checker cannot spell as ``type[T]``
+        (a union) gives ``object``.
 
         Raises ``NodeNotFoundError``, ``NoHandlerError``, ``QueueFullError``,
         ``HandlerError`` (the handler raised), ``SendTimeout``, ``CodecError``,
-        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id or type;
-        ``ValidationError`` (a ``CodecError``) when the node's handler refused the payload
-        as not fitting its type, or the result does not fit ``result_type`` (or is a stream).
+        ``PayloadTooLargeError``, ``TransportError``; ``InvalidIdError`` for a bad id, type or
+        key, and ``TypeError`` for a key that is not a string; ``ValidationError`` (a
+        ``CodecError``) when the node's handler refused the payload as not fitting its type,
+        or the result does not fit ``result_type`` (or is a stream).
         """
         convert = None if result_type is None else self._wire.codec.converter(result_type)
-        return await self._caller.send(self.id, target, event, timeout, priority, convert)
+        return await self._caller.send(
+            self.id, target, event, timeout, priority, convert, event_id=id, key=key
+        )
 
     @overload
     def stream(
@@ -375,6 +455,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         item_type: type[R],
     ) -> Stream[R]: ...
 
@@ -386,6 +468,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         item_type: None = None,
     ) -> Stream[Any]: ...
 
@@ -397,6 +481,8 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         item_type: object,
     ) -> Stream[object]: ...
 
@@ -407,18 +493,46 @@ class Node:
         *,
         timeout: float | None = None,
         priority: int = 0,
+        id: str | None = None,
+        key: str | None = None,
         item_type: object = None,
     ) -> Stream[Any]:
         """Send ``event`` to ``target`` and return a ``Stream`` of the handler's items.
 
         Use as ``async with node.stream(...) as s: async for item in s: ...``; the request
         is sent when the stream is entered or first iterated. A handler that returns a
-        single value yields that one value. ``timeout`` bounds each wait for an item. With
-        ``item_type`` every item is converted to that type (``Stream[T]``); one that does not
-        fit raises ``ValidationError`` from the iteration and closes the stream.
+        single value yields that one value. ``timeout`` bounds each wait for an item.
+        ``key`` orders the event with the other events of its key, as for ``send`` (a
+        streaming handler holds its key until it finishes). With ``item_type`` every item is
+        converted to that type (``Stream[T]``); one that does not fit raises
+        ``ValidationError`` from the iteration and closes the stream.
         """
         convert = None if item_type is None else self._wire.codec.converter(item_type)
-        return self._caller.stream(self.id, target, event, timeout, priority, convert)
+        return self._caller.stream(self.id, target, event, timeout, priority, convert, id, key)
+
+    async def enqueue(
+        self,
+        target: str | Node,
+        event: Event | dict[str, Any],
+        *,
+        id: str | None = None,
+        key: str | None = None,
+    ) -> Receipt:
+        """Store ``event`` for the durable node ``target`` and return once it is stored,
+        without waiting for it to run: a ``Receipt`` with its sequence in the node's log and
+        whether ``id`` was stored before (``duplicate``: within the node's ``dedup_window``,
+        nothing new was stored).
+
+        ``id`` (1-256 characters without whitespace, such as ``"order-7-charge"``) becomes
+        the event's id; without it every call is a new event. ``key`` orders the event with
+        the other events of its key, as for ``send``.
+
+        Raises ``InvalidConfigError`` when ``target`` is not a durable node,
+        ``QueueFullError`` when its log holds ``queue_limit`` events (nothing was stored),
+        ``PayloadTooLargeError``, ``CodecError``, ``TransportError``; ``InvalidIdError``
+        for a bad id, type or key, and ``TypeError`` for a key that is not a string.
+        """
+        return await self._caller.enqueue(self.id, target, event, id, key)
 
     async def broadcast(
         self, event: Event | dict[str, Any], *, stream: AsyncIterable[Any] | None = None
@@ -433,7 +547,11 @@ class Node:
 
     def stats(self) -> NodeStats:
         """A snapshot of this node's flow control and counts."""
-        return self._mailbox.stats()
+        stats = self._mailbox.stats()
+        held = self._router.held
+        if held:  # keyed events waiting here for their key's partition (not admitted yet)
+            return msgspec.structs.replace(stats, keyed_waiting=stats.keyed_waiting + held)
+        return stats
 
     # ----- state --------------------------------------------------------------------
 
@@ -478,8 +596,11 @@ class Node:
             # Pings first: an instance that can be handed a request answers for it.
             self._pings = await transport.subscribe(wire.ping_subject(self.id), self._on_ping)
             self._rooms = await transport.subscribe(wire.room_subject(self.id), self._on_room)
+            self._keys_news = await transport.subscribe(
+                wire.keys_subject(self.id), self._on_keys_news
+            )
             # A census: every twin answers (and so learns of this instance too).
-            self._census = wire.register_probe(TwinCensus(self.id, self._twins))
+            self._census = wire.register_probe(TwinCensus(self.id, self._twins, self._router.join))
             await wire.publish(
                 wire.room_subject(self.id),
                 p.RoomAsk(self._system_id, 0),
@@ -502,6 +623,19 @@ class Node:
             )
         for suffix in self._subscriptions.keys() - wanted:
             await self._subscriptions.pop(suffix).unsubscribe()
+        if self._durable is not None and self._intake is None:
+            mailbox = self._mailbox
+            intake = Intake(
+                node_id=self.id,
+                logs=self._durable,
+                slots=mailbox,
+                admit=self._on_delivery,
+                held=self._held_deliveries,
+                backlog=self._set_backlog,
+                spawn=self._runtime.spawn,
+            )
+            await intake.start()
+            self._intake = intake
 
     async def unsubscribe(self) -> None:
         """Stop hearing new events (the system is stopping). Never raises.
@@ -512,11 +646,13 @@ class Node:
         self._direct = self._instance = self._rooms = None
         self._subscriptions.clear()
         await _unsubscribe_all(subs)
+        if self._intake is not None:
+            await self._intake.stop()
 
     async def close(self) -> None:
         """Stop hearing anything: every call this instance held has been answered."""
-        subs = [self._pings, self._cancels]
-        self._pings = self._cancels = None
+        subs = [self._pings, self._cancels, self._keys_news]
+        self._pings = self._cancels = self._keys_news = None
         self._wire.forget(self._census)
         await _unsubscribe_all(subs)
 
@@ -532,15 +668,29 @@ class Node:
         """The transport dropped ``count`` messages meant for this node."""
         self._mailbox.dropped += count
 
+    async def hand_over_keys(self) -> None:
+        """The system stops: the key partitions this instance owns go to its twins (new
+        keyed events go there; the ones admitted here finish first)."""
+        await self._router.leave()
+
+    async def release_keys(self) -> None:
+        """The drain is over: this instance gives up its last key partitions."""
+        await self._router.finish()
+
     async def fail_pending(self) -> None:
-        """The system stops: every admitted event not yet running fails with ``unavailable``;
-        requests still looking for a twin with room are refused alike."""
+        """The system stops: every admitted event not yet running (or waiting to run again)
+        fails with ``unavailable``; requests still looking for a twin with room are refused
+        alike. A handler that fails from now on is not retried."""
+        self._retries_closed = True
         overflow, self._overflow = self._overflow, deque()
         for entry in overflow:
             self._mailbox.rejected += 1
             await self._reply(entry.work, p.stopped(self.id))
         for work in self._mailbox.take_pending():
-            await self._fail_unstarted(work, p.stopped(self.id))
+            if work.delivery is not None:
+                await self._hand_back(work)
+            else:
+                await self._fail_unstarted(work, p.stopped(self.id))
 
     # ----- receiving ----------------------------------------------------------------
 
@@ -551,6 +701,9 @@ class Node:
         try:
             req = wire.request_decoder.decode(msg.data)
             validate_event_type(req.type)
+            key = req.key
+            if key is not None and not (0 < len(key) <= MAX_KEY and key.isascii()):
+                validate_key(key)  # (the common case checked cheaply)
         except (CodecError, InvalidIdError) as exc:
             mailbox.rejected += 1
             wire.report_bad_input(f"node {self.id!r}", exc)
@@ -558,57 +711,97 @@ class Node:
             if reply:
                 await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
             return
+        if req.reply_to:  # passed on by a twin to the owner of its key: answer the caller
+            reply = req.reply_to
         if req.origin == self._system_id:
             self._caller.arrived(reply)
         if req.type == p.PRESENCE:  # a liveness question, not an event: answered, not counted
             if reply:
                 await wire.reply(reply, p.Ack())
             return
+        if req.key is not None:
+            where = self._router.route(req)
+            if where != "":
+                await self._pass_keyed(req, reply, where)
+                return
+        follow = self._accept(req, reply)
+        if follow is not None:
+            await follow
+
+    async def _pass_keyed(self, req: p.Request, reply: str, where: str | None) -> None:
+        """A keyed request this instance does not run now: passed on to the instance that
+        owns its key's partition, or held until the partition has a live owner."""
+        router = self._router
+        if where is not None:
+            await router.forward(req, reply, where)
+        elif not router.hold(req, reply):
+            why = router.failure()
+            if why is None:
+                await self._refuse_full(reply)
+            else:
+                self._mailbox.rejected += 1
+                await self._answer(reply, p.Failure(p.UNAVAILABLE, why))
+
+    def _accept(self, req: p.Request, reply: str) -> Coroutine[Any, Any, None] | None:
+        """Admit a request this instance runs (or refuse it, or look for a twin with room).
+
+        Returns the answer still to be awaited (a refusal, a pressure hold), or None: the
+        common case costs no coroutine."""
+        mailbox = self._mailbox
         if not self._runtime.accepting:
             mailbox.rejected += 1
-            if reply:
-                await wire.reply(reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
-            return
+            return self._answer(reply, p.Failure(p.UNAVAILABLE, f"node {self.id!r} is stopping"))
         handler = self._handlers.select(req.type)
         if handler is None:
             mailbox.rejected += 1
-            if reply:
-                message = f"node {self.id!r} has no handler for event type {req.type!r}"
-                await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
-            return
+            message = f"node {self.id!r} has no handler for event type {req.type!r}"
+            return self._answer(reply, p.Failure(p.NO_HANDLER, message))
         payload = req.payload
         if handler.convert is not None:
             try:
                 payload = handler.convert(payload)
             except ValidationError as exc:
-                await self._refuse_payload(req.type, exc, reply)
-                return
+                return self._refuse_payload(req.type, exc, reply)
         context = req.context or external_context(self._ids)
         deadline = None
         if req.timeout_ms is not None:
             deadline = anyio.current_time() + req.timeout_ms / 1000
         window = req.window if req.window > 0 else self._caller.window
-        event = Event(req.type, payload, context)
-        work = Work(event, handler, reply, window, deadline, req.seal, req.origin)
+        key = req.key
+        event = Event(req.type, payload, context, key=key)
+        work = Work(event, handler, reply, window, deadline, req.seal, req.origin, key)
         if self._admit(work, req.priority):
             if reply and (req.probe or mailbox.holds_senders):  # (else nothing to say now)
-                await self._acknowledge(work, req)
-        elif req.forwarded or not self._twins:  # (no twin to ask: refused at once)
-            await self._refuse_full(reply)
-        else:
-            self._overflow.append(Overflow(req, work))
-            if not self._searching:
-                self._searching = True
-                self._runtime.spawn(self._find_room)
+                return self._acknowledge(work, req)
+            return None
+        if req.forwarded or key is not None or not self._twins:
+            # (refused at once: no twin to ask, or a keyed event, which runs where its key
+            # is owned and nowhere else)
+            return self._refuse_full(reply)
+        self._overflow.append(Overflow(req, work))
+        if not self._searching:
+            self._searching = True
+            self._runtime.spawn(self._find_room)
+        return None
 
-    def _admit(self, work: Work, priority: int) -> bool:
-        """Offer ``work`` to the mailbox; False when the queue is full."""
+    async def _accept_held(self, req: p.Request, reply: str) -> None:
+        """``_accept`` for a keyed request that was held here."""
+        follow = self._accept(req, reply)
+        if follow is not None:
+            await follow
+
+    async def _answer(self, reply: str, failure: p.Failure) -> None:
+        if reply:
+            await self._wire.reply(reply, failure)
+
+    def _admit(self, work: Work, priority: int, force: bool = False) -> bool:
+        """Offer ``work`` to the mailbox; False when the queue is full (unless ``force``)."""
         reply = work.reply
         if reply:
             self._inflight[reply] = work
         mailbox = self._mailbox
         queued = mailbox.queued
-        if mailbox.offer(work, priority):
+        if mailbox.offer(work, priority, force):
             if work.deadline is not None and mailbox.queued > queued:
                 self._watch_deadline(work)  # it waits in the queue: answer it at its deadline
             return True
@@ -726,7 +919,20 @@ class Node:
             wire.report_bad_input(f"node {self.id!r} room", exc)
             return
         free = self._mailbox.room() if not self._overflow else 0
-        await wire.reply(msg.reply, p.RoomOffer(self._system_id, max(free, 0)))
+        await wire.reply(
+            msg.reply, p.RoomOffer(self._system_id, max(free, 0), self._router.started)
+        )
+
+    async def _on_keys_news(self, msg: Message) -> None:
+        """An instance changed the node's key partitions: read them (and join them)."""
+        wire = self._wire
+        try:
+            news = wire.owners_decoder.decode(msg.data)
+        except CodecError as exc:
+            wire.report_bad_input(f"node {self.id!r} keys", exc)
+            return
+        if news.instance != self._system_id:
+            self._router.news()
 
     # ----- liveness -----------------------------------------------------------------
 
@@ -744,6 +950,8 @@ class Node:
         if self._overflow:
             waiting = {entry.work.reply for entry in self._overflow}
             held.extend(reply for reply in ping.calls if reply in waiting)
+        if self._router.started:
+            held.extend(self._router.claims(ping.calls))
         await wire.reply(msg.reply, p.Pong(held, self._system_id))
 
     async def _on_abandon(self, msg: Message) -> None:
@@ -755,6 +963,8 @@ class Node:
             return
         work = self._inflight.get(frame.reply)
         if work is None:
+            if self._router.started and await self._router.abandon(frame.reply, frame.secret):
+                return  # a keyed request held here
             wire.stray_frames += 1  # finished already, or another instance has it
             return
         if work.seal and not p.seal_matches(work.seal, frame.secret):
@@ -766,8 +976,11 @@ class Node:
         work.abandoned = True
         if work.scope is not None:
             work.scope.cancel()
-        elif self._mailbox.withdraw(work):  # still queued: its place is free at once
+        elif self._mailbox.withdraw(work):  # still queued, or waiting to run again
             await self._fail_unstarted(work, p.abandoned(self.id))
+        elif work.pending:  # its dead letter is being delivered: the caller is let go now
+            self._inflight.pop(work.reply, None)
+            await self._reply(work, p.abandoned(self.id))
 
     async def _send_owed_acks(self) -> None:
         owed, self._owed_acks = self._owed_acks, []
@@ -802,6 +1015,8 @@ class Node:
         handler = self._handlers.select(frame.type)
         if handler is None or handler.pattern.subject != subject:
             return  # not ours, or another of our subscriptions delivers it
+        if self._durable is not None and frame.stream is None:
+            return  # a durable node hears its copy from the broadcast log
         mailbox = self._mailbox
         if not self._runtime.accepting:
             mailbox.dropped += 1
@@ -894,8 +1109,9 @@ class Node:
             self._deadline_wake = None
 
     async def _fail_unstarted(self, work: Work, failure: p.Failure) -> None:
-        """An admitted event ends without its handler running: counted failed, forgotten,
-        and its caller told why."""
+        """An admitted event ends without its handler running (again): counted failed,
+        forgotten, and its caller told why."""
+        work.pending = False
         self._mailbox.failed += 1
         self._inflight.pop(work.reply, None)
         await self._reply(work, failure)
@@ -909,6 +1125,7 @@ class Node:
 
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
         work.taken = True
+        work.pending = False
         if work.abandoned:  # the caller gave up while it waited in the queue
             await self._fail_unstarted(work, p.abandoned(self.id))
             return
@@ -929,8 +1146,11 @@ class Node:
                     for agen in work.made:
                         await aclose_quietly(agen)
             work.scope = None
-            if work.reply:
+            if work.reply and not work.pending:  # (else it runs again, or is dead-lettered)
                 self._inflight.pop(work.reply, None)
+            if work.delivery is not None and not work.pending:
+                with anyio.CancelScope(shield=True):
+                    await self._settle_delivery(work)
             current_event.reset(token)
             bstream = work.event.stream
             if isinstance(bstream, BroadcastStream):
@@ -954,6 +1174,8 @@ class Node:
         try:
             if work.deadline is None:
                 result = await execution
+                if self._first_item_ahead and inspect.isasyncgen(result):
+                    result = await first_item_ahead(result)  # a failure before it may retry
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
                     result = await execution
@@ -967,6 +1189,12 @@ class Node:
                     await self._reply(work, self._timed_out(work))
                     return
         except runtime.cancelled:
+            if work.delivery is not None and not work.abandoned:
+                # The instance stops: the event goes back to the log, for a twin (or this
+                # node, once back) to run; its caller keeps waiting for that result.
+                with anyio.CancelScope(shield=True):
+                    await self._hand_back(work)
+                raise
             mailbox.failed += 1
             with anyio.CancelScope(shield=True):
                 await self._reply(
@@ -974,15 +1202,7 @@ class Node:
                 )
             raise
         except Exception as exc:
-            mailbox.failed += 1
-            handler_log.error(
-                "handler for %r on node %r raised %s",
-                event.type,
-                self.id,
-                type(exc).__name__,
-                exc_info=exc,
-            )
-            await self._reply(work, p.handler_failure(exc))
+            await self._act(work, exc, self._decide(work, exc))
             return
         if inspect.isasyncgen(result):
             await produce(
@@ -1004,6 +1224,312 @@ class Node:
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:
             await self._wire.reply(work.reply, frame)
+
+    # ----- attempts, retries and dead letters -----------------------------------------
+
+    def _decide(self, work: Work, error: BaseException) -> Decision:
+        """What becomes of ``work`` now that its attempt ``work.attempt`` raised ``error``:
+        the node's delivery settings applied in one place (see ``happen._delivery.decide``).
+
+        A streamed broadcast is not run again (its items were read), and a dead letter
+        whose handler failed is not dead-lettered in turn.
+        """
+        event = work.event
+        decision = decide(
+            self._delivery, error, work.attempt, random.random, retryable=event.stream is None
+        )
+        if decision.outcome is Outcome.DEAD_LETTER and event.type == DEAD_LETTER_TYPE:
+            return Decision(Outcome.FAIL)
+        return decision
+
+    async def _act(self, work: Work, error: Exception, decision: Decision) -> None:
+        """Carry out ``decision`` for ``work``, whose attempt raised ``error``: hold it to run
+        again (no slot, no queue place, still claimed for its caller), answer its caller
+        with ``None`` (suppressed) or with the failure (``HandlerError`` with ``attempts``),
+        or hand its dead letter to a task that delivers it and then settles ``work``."""
+        mailbox = self._mailbox
+        event = work.event
+        outcome = decision.outcome
+        settings = self._delivery
+        if outcome is Outcome.RETRY and not self._retries_closed:
+            if isinstance(error, Retry):
+                handler_log.info(
+                    "handler for %r on node %r asked for a retry (attempt %d of %d): "
+                    "running it again in %.3g s",
+                    event.type,
+                    self.id,
+                    work.attempt,
+                    settings.max_attempts,
+                    decision.delay,
+                )
+            else:
+                handler_log.warning(
+                    "handler for %r on node %r raised %s (attempt %d of %d): running it again "
+                    "in %.3g s",
+                    event.type,
+                    self.id,
+                    type(error).__name__,
+                    work.attempt,
+                    settings.max_attempts,
+                    decision.delay,
+                    exc_info=error,
+                )
+            mailbox.retried += 1
+            work.attempt += 1
+            work.event = msgspec.structs.replace(event, delivery=work.attempt)
+            work.taken = False
+            work.pending = True
+            mailbox.later(work, decision.delay)
+            if work.deadline is not None:
+                self._watch_deadline(work)  # the call's deadline bounds the wait too
+            return
+        if outcome is Outcome.RETRY:  # the system stops: it will not run again here
+            if work.delivery is not None:
+                await self._hand_back(work)  # (a durable one runs again elsewhere)
+                return
+            mailbox.failed += 1
+            await self._reply(work, p.stopped(self.id))
+            return
+        after = f" after {work.attempt} attempts" if work.attempt > 1 else ""
+        if outcome is Outcome.SUPPRESS:
+            handler_log.warning(
+                "handler for %r on node %r raised %s%s: suppressed, the event completes with None",
+                event.type,
+                self.id,
+                type(error).__name__,
+                after,
+                exc_info=error,
+            )
+            if work.reply and not await self._wire.reply(work.reply, p.Result(None)):
+                mailbox.failed += 1
+                return
+            mailbox.completed += 1
+            mailbox.suppressed += 1
+            return
+        if isinstance(error, Reject):  # a decision of the handler, not a fault: no traceback
+            handler_log.warning(
+                "handler for %r on node %r rejected the event%s: %s",
+                event.type,
+                self.id,
+                after,
+                p.describe(error),
+            )
+        else:
+            handler_log.error(
+                "handler for %r on node %r raised %s%s",
+                event.type,
+                self.id,
+                type(error).__name__,
+                after,
+                exc_info=error,
+            )
+        failure = p.handler_failure(error, work.attempt)
+        if outcome is Outcome.DEAD_LETTER:
+            work.pending = True
+            mailbox.keep_key(work)  # held until the dead letter is delivered (``_settle``)
+            mailbox.dead_letters_pending += 1
+            payload = dead_letter_payload(event, self.id, error, work.attempt, failure.message)
+            self._runtime.spawn(self._dead_letter, work, payload, failure)
+            return
+        mailbox.failed += 1
+        await self._reply(work, failure)
+
+    async def _dead_letter(self, work: Work, payload: dict[str, Any], failure: p.Failure) -> None:
+        """Deliver the dead letter of ``work``, then settle ``work`` (counted dead-lettered,
+        its caller answered with ``failure``).
+
+        A dead letter that could not be delivered is tried again after the node's backoff,
+        as long as it takes; one that can never be (it cannot be encoded, or is too large)
+        and one still undelivered when the system stops leave ``work`` counted failed, and
+        are logged.
+        """
+        target = self._delivery.dead_letter
+        assert target is not None
+        event = work.event
+        current_event.set(event)  # the dead letter's causal parent (this task's own context)
+        event_id = f"{event.context.id}:dead"
+        tries = 0
+        lost = ""
+        try:
+            while True:
+                tries += 1
+                try:
+                    await self._dead_letters.publish(self.id, target, event_id, payload)
+                    break
+                except SystemStoppedError:
+                    lost = STOPPED
+                    break
+                except (CodecError, PayloadTooLargeError, InvalidIdError) as exc:
+                    lost = f"{type(exc).__name__}: {exc}"
+                    break
+                except Exception as exc:
+                    delay = self._delivery.delay(tries)
+                    log.warning(
+                        "node %r could not deliver the dead letter of event %s to %r (%s: %s); "
+                        "trying again in %.3g s",
+                        self.id,
+                        event.context.id,
+                        target,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    await anyio.sleep(delay)
+        except self._runtime.cancelled:
+            with anyio.CancelScope(shield=True):
+                await self._dead_letter_lost(work, failure, target, STOPPED)
+            raise
+        if lost:
+            await self._dead_letter_lost(work, failure, target, lost)
+            return
+        mailbox = self._mailbox
+        mailbox.dead_letters_pending -= 1
+        mailbox.dead_lettered += 1
+        self._settle(work)
+        if not work.abandoned:
+            await self._reply(work, failure)
+        if work.delivery is not None:
+            await self._settle_delivery(work)
+
+    async def _dead_letter_lost(
+        self, work: Work, failure: p.Failure, target: str, why: str
+    ) -> None:
+        mailbox = self._mailbox
+        mailbox.dead_letters_pending -= 1
+        if work.delivery is not None and why == STOPPED:
+            # Kept, never dropped: back to the log, to be tried again by a twin (or here).
+            self._settle(work)
+            await self._hand_back(work)
+            return
+        mailbox.failed += 1
+        self._settle(work)
+        if work.delivery is not None:
+            await self._settle_delivery(work)
+        log.error(
+            "node %r gave up delivering the dead letter of event %s (%r) to %r: %s; the event "
+            "is counted failed",
+            self.id,
+            work.event.context.id,
+            work.event.type,
+            target,
+            why,
+        )
+        if not work.abandoned:
+            await self._reply(work, failure)
+
+    def _settle(self, work: Work) -> None:
+        work.pending = False
+        if work.reply:
+            self._inflight.pop(work.reply, None)
+        self._mailbox.release_key(work)  # its final outcome: the key's next event may run
+
+    # ----- durable intake -----------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery, broadcast: bool) -> None:
+        """An event (or a stored broadcast) fetched from the node's durable log."""
+        if not self._runtime.accepting:  # fetched as the system began to stop: not taken
+            await _settle_quietly(delivery.nak, self.id)
+            return
+        wire = self._wire
+        mailbox = self._mailbox
+        reply = ""
+        if delivery.headers:
+            reply = delivery.headers.get(REPLY_HEADER, "")
+        try:
+            if broadcast:
+                frame = wire.broadcast_decoder.decode(delivery.data)
+                if type(frame) is not p.Broadcast:
+                    raise CodecError(f"a stored broadcast is a {type(frame).__name__} frame")
+            else:
+                frame = wire.request_decoder.decode(delivery.data)
+                if frame.key is not None:
+                    validate_key(frame.key)
+            validate_event_type(frame.type)
+        except (CodecError, InvalidIdError) as exc:
+            mailbox.rejected += 1
+            wire.report_bad_input(f"durable node {self.id!r}", exc)
+            if reply:
+                await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
+            await self._poisoned(delivery)
+            return
+        handler = self._handlers.select(frame.type)
+        if handler is None:
+            if broadcast:  # a broadcast this node does not hear: nothing to do
+                await _settle_quietly(delivery.ack, self.id)
+                return
+            mailbox.rejected += 1
+            message = f"node {self.id!r} has no handler for event type {frame.type!r}"
+            if reply:
+                await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
+            log.warning("durable %s: settled without running it", message)
+            await self._poisoned(delivery)
+            return
+        payload = frame.payload
+        if handler.convert is not None:
+            try:
+                payload = handler.convert(payload)
+            except ValidationError as exc:
+                if broadcast:
+                    self._refuse_broadcast(frame.type, exc)
+                else:
+                    await self._refuse_payload(frame.type, exc, reply)
+                await self._poisoned(delivery)
+                return
+        context = frame.context or external_context(self._ids)
+        # Attempts count deliveries: one that comes back after a crash is the next attempt.
+        attempt = max(1, delivery.delivery_count)
+        if broadcast:
+            event = Event(frame.type, payload, context, delivery=attempt)
+            work = Work(event, handler, "", 0, None)
+            priority = 0
+        else:
+            key = frame.key  # (ordered within this instance: see docs/keys-and-state.md)
+            event = Event(frame.type, payload, context, delivery=attempt, key=key)
+            window = frame.window if frame.window > 0 else self._caller.window
+            work = Work(event, handler, reply, window, None, frame.seal, frame.origin, key)
+            priority = frame.priority
+        work.delivery = delivery
+        work.attempt = attempt
+        if delivery.delivery_count > 1:
+            mailbox.redelivered += 1
+        self._held[id(delivery)] = work
+        self._admit(work, priority, force=True)  # (fetched for a free slot: never refused)
+
+    async def _poisoned(self, delivery: Delivery) -> None:
+        """An event this node can never run: settled, so it is not delivered for ever."""
+        await _settle_quietly(delivery.term, self.id)
+
+    async def _settle_delivery(self, work: Work) -> None:
+        """A durable event reached its outcome (its reply, if any, was published): ack."""
+        delivery = work.delivery
+        if delivery is None or self._held.pop(id(delivery), None) is None:
+            return  # handed back already
+        await _settle_quietly(delivery.ack, self.id)
+
+    async def _hand_back(self, work: Work) -> None:
+        """A durable event this stopping instance will not finish: back to the log at once,
+        for a twin instance (or this node, when it comes back). Counted ``handed_back``."""
+        delivery = work.delivery
+        if delivery is None or self._held.pop(id(delivery), None) is None:
+            return
+        self._mailbox.handed_back += 1
+        self._inflight.pop(work.reply, None)
+        await _settle_quietly(delivery.nak, self.id)
+
+    def _held_deliveries(self) -> list[Delivery]:
+        return [work.delivery for work in self._held.values() if work.delivery is not None]
+
+    def _set_backlog(self, count: int) -> None:
+        self._mailbox.backlog = count
+
+
+async def _settle_quietly(settle: Callable[[], Awaitable[None]], node_id: str) -> None:
+    """Settle a durable delivery; a transport failure is logged (the log delivers the event
+    again after ``ack_wait``)."""
+    try:
+        await settle()
+    except TransportError as exc:
+        log.warning("node %r could not settle a durable event: %s", node_id, exc)
 
 
 async def _unsubscribe_all(subs: list[Subscription | None]) -> None:

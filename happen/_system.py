@@ -18,6 +18,8 @@ from happen._broadcast import LocalBroadcastStreams
 from happen._calls import Caller
 from happen._codec import make_codec
 from happen._config import ConcurrencyConfig, ConcurrencySettings
+from happen._delivery import DeadLetters, DeliveryConfig, DeliverySettings
+from happen._durable import DurableLogs
 from happen._errors import (
     InvalidConfigError,
     InvalidIdError,
@@ -73,6 +75,9 @@ class System:
 
     - ``concurrency``: ``{"default": {...}, "patterns": {glob: {...}}}`` flow-control
       settings (see ``ConcurrencySettings``), validated here (``InvalidConfigError``).
+    - ``delivery``: ``{"default": {...}, "patterns": {glob: {...}}}`` attempts and errors
+      settings (``max_attempts``, ``backoff``, ``on_error``, ``dead_letter``, ...; see
+      ``DeliverySettings``), resolved per node id like ``concurrency``.
     - ``transport``: a ``Transport`` or a URL, ``"memory"`` (the default when left out) or
       ``"nats://host:4222"``.
     - ``namespace``: prefix of every subject, isolating systems that share a NATS server
@@ -103,6 +108,7 @@ class System:
         self,
         *,
         concurrency: Mapping[str, Any] | None = None,
+        delivery: Mapping[str, Any] | None = None,
         transport: Transport | str | None = None,
         namespace: str | None = None,
         codec: str = "msgpack",
@@ -117,6 +123,7 @@ class System:
         self._config = ConcurrencyConfig(
             dict(concurrency) if isinstance(concurrency, Mapping) else concurrency
         )
+        self._delivery = DeliveryConfig(delivery)
         #: The settings left to their defaults in code (``apply_defaults`` may fill them).
         self._unset = {
             name
@@ -151,6 +158,13 @@ class System:
         self._state = StateStore(
             codec=self._codec, namespace=namespace, transport=self._state_transport
         )
+        self._durable = DurableLogs(
+            namespace=namespace,
+            settings_for=self._delivery.resolve,
+            queue_limit_for=lambda node_id: self._config.resolve(node_id).queue_limit,
+            any_durable=self._delivery.any_durable,
+            transport=self._state_transport,
+        )
         self._caller = Caller(
             wire=self._wire,
             runtime=self._runtime,
@@ -160,7 +174,9 @@ class System:
             local_mailbox=self._mailboxes.get,
             local_listeners=self._local_listeners,
             broadcast_streams=self._broadcast_streams,
+            durable=self._durable,
         )
+        self._dead_letters = DeadLetters(self._caller)
         self._liveness = LivenessMonitor(
             wire=self._wire,
             runtime=self._runtime,
@@ -195,6 +211,7 @@ class System:
             self.namespace = _checked_namespace(namespace)
             self._wire.rename(self.namespace)
             self._state.rename(self.namespace)
+            self._durable.rename(self.namespace)
             self._unset.discard("namespace")
 
     def settings_given(self) -> frozenset[str]:
@@ -281,14 +298,13 @@ class System:
         await self._caller.round_trip()
 
     async def idle(self) -> None:
-        """Return once no node of this system runs or queues an event and no call or stream
-        of this system is open. Bound it with ``anyio.fail_after`` when it may never be."""
+        """Return once no node of this system runs, queues or waits to retry an event (or
+        to deliver its dead letter) and no call or stream of this system is open. Bound it
+        with ``anyio.fail_after`` when it may never be."""
         while True:
             for mailbox in list(self._mailboxes.values()):
                 await mailbox.wait_drained()
-            if not self._wire.routes and all(
-                not mailbox.active and not mailbox.queued for mailbox in self._mailboxes.values()
-            ):
+            if not self._wire.routes and all(mailbox.idle for mailbox in self._mailboxes.values()):
                 return
             await anyio.sleep(0.005)
 
@@ -328,12 +344,16 @@ class System:
         nodes = list(self._nodes.values())
         with anyio.CancelScope(shield=True):
             for node in nodes:
+                await node.hand_over_keys()
+            for node in nodes:
                 await node.unsubscribe()
             with anyio.move_on_after(self._drain_timeout if timeout is None else timeout):
                 for mailbox in list(self._mailboxes.values()):
                     await mailbox.wait_drained()
             for node in nodes:
                 await node.fail_pending()
+            for node in nodes:
+                await node.release_keys()
             await runtime.cancel_tasks()
             runtime.processes.shutdown()
             for node in nodes:
@@ -397,6 +417,9 @@ class System:
             state=self._state,
             middleware=MiddlewareStack(self._middleware),
             liveness_timeout=self._liveness_timeout,
+            delivery=self._delivery.resolve(node_id),
+            dead_letters=self._dead_letters,
+            durable=self._durable if self._durable.durable(node_id) else None,
         )
         self._nodes[node_id] = node
         self._mailboxes[node_id] = mailbox
@@ -431,6 +454,11 @@ class System:
     def concurrency_for(self, node_id: str) -> ConcurrencySettings:
         """The concurrency settings that apply to ``node_id``."""
         return self._config.resolve(validate_node_id(node_id))
+
+    def delivery_for(self, node_id: str) -> DeliverySettings:
+        """The delivery settings (attempts, backoff, errors, dead letters) that apply to
+        ``node_id``. Raises ``InvalidIdError`` for a malformed id."""
+        return self._delivery.resolve(validate_node_id(node_id))
 
     def stats(self) -> dict[str, NodeStats]:
         """A snapshot of every node's stats, by node id."""

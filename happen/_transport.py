@@ -157,6 +157,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 #: ``max_payload - KV_HEADROOM`` bytes long.
 KV_HEADROOM = 64
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ESCAPED = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+")
 
 
@@ -338,6 +339,13 @@ class LogConsumer(Protocol):
     @property
     def name(self) -> str: ...
 
+    @property
+    def fetch_cancellable(self) -> bool:
+        """Whether a fetch may be cancelled without losing what it would have returned:
+        ``False`` where messages already on their way to a cancelled fetch stay unsettled
+        until ``ack_wait`` (NATS)."""
+        ...
+
     async def fetch(self, n: int, *, timeout: float) -> list[Delivery]:
         """Up to ``n`` deliveries (``n >= 1``): redeliveries that are due first, then new
         messages, in log order. Returns as soon as at least one is available, or ``[]``
@@ -484,7 +492,7 @@ def check_append(msg_id: object, headers: Mapping[str, str] | None) -> None:
         not isinstance(msg_id, str)
         or not 0 < len(msg_id) <= MAX_MSG_ID
         or msg_id != msg_id.strip()
-        or any(ord(c) < 32 or ord(c) == 127 for c in msg_id)
+        or _CONTROL.search(msg_id) is not None
     ):
         raise TransportError(
             f"invalid message id {msg_id!r}: 1-{MAX_MSG_ID} characters, without control "

@@ -44,6 +44,7 @@ __all__ = [
     "Failure",
     "Hold",
     "InboxFrame",
+    "Owners",
     "Ping",
     "Pong",
     "Request",
@@ -85,6 +86,10 @@ class Request(_Frame, tag="req"):
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
     seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
     forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
+    key: str | None = None  # per-key order: at most one event of a key runs at a time
+    reply_to: str = ""  # passed on to the owner of the key: the caller's reply subject
+    routed: int = 0  # how many times the keyed event was passed between instances
+    handed: bool = False  # passed on by the key's owner to the instance it hands the key to
 
 
 class Result(_Frame, tag="res"):
@@ -100,6 +105,7 @@ class Failure(_Frame, tag="err"):
     message: str = ""
     error_type: str = ""
     queued: int | None = None  # with queue_full: how many events the node's queue held
+    attempts: int = 1  # with handler_error: how many times the handler ran
 
 
 class Hold(_Frame, tag="hold"):
@@ -217,6 +223,15 @@ class RoomOffer(_Frame, tag="offer"):
 
     instance: str
     free: int
+    keys: bool = False  # the twin takes part in the node's key partitions
+
+
+class Owners(_Frame, tag="owners"):
+    """The key partitions of a node changed hands: its instances read them again.
+
+    Published to ``{ns}.keys.{node_id}`` by the instance that wrote the change."""
+
+    instance: str
 
 
 InboxFrame = (
@@ -279,9 +294,10 @@ def describe(exc: BaseException) -> str:
     return message.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become "?"
 
 
-def handler_failure(exc: BaseException) -> Failure:
-    """The failure a handler's exception becomes: its type and message, no traceback."""
-    return Failure(HANDLER_ERROR, describe(exc), type(exc).__name__)
+def handler_failure(exc: BaseException, attempts: int = 1) -> Failure:
+    """The failure a handler's exception becomes: its type and message, no traceback, and
+    how many times the handler ran."""
+    return Failure(HANDLER_ERROR, describe(exc), type(exc).__name__, attempts=attempts)
 
 
 def abandoned(node_id: str) -> Failure:
@@ -335,6 +351,7 @@ class Wire:
         self.abandon_decoder = codec.decoder(Abandon)
         self.ping_decoder = codec.decoder(Ping)
         self.room_decoder = codec.decoder(RoomAsk)
+        self.owners_decoder = codec.decoder(Owners)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
         self._secret_hash = hashlib.blake2b(key=os.urandom(16), digest_size=SECRET_BYTES)
@@ -368,6 +385,10 @@ class Wire:
     def room_subject(self, node_id: str) -> str:
         """Questions of a full instance of ``node_id`` to its twins."""
         return f"{self.namespace}.room.{node_id}"
+
+    def keys_subject(self, node_id: str) -> str:
+        """News of the key partitions of ``node_id``, to all its instances."""
+        return f"{self.namespace}.keys.{node_id}"
 
     def broadcast_subject(self, suffix: str) -> str:
         return self._bcast_prefix + suffix

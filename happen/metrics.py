@@ -25,6 +25,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GAUGES = frozenset(
     {"active", "queued", "max_concurrent", "queue_limit", "under_pressure"}
     | {"keys_active", "keyed_waiting"}
+    | {"retrying", "dead_letters_pending", "backlog"}
 )
 
 _DESCRIPTIONS = {
@@ -41,6 +42,14 @@ _DESCRIPTIONS = {
     "state_reads": "Reads of node state (get, view get, and the reads update makes).",
     "state_writes": "Node state puts, deletes and updates that succeeded.",
     "state_conflicts": "Node state compare-and-sets that were refused.",
+    "retried": "Executions after the first that the node's retry policy scheduled.",
+    "redelivered": "Deliveries of durable events after a crash or an expired ack_wait.",
+    "dead_lettered": "Events that failed for good and whose dead letter was delivered.",
+    "suppressed": "Events completed with None by on_error='suppress' (also in completed).",
+    "retrying": "Events waiting to run again now (holding no slot and no queue place).",
+    "dead_letters_pending": "Events whose dead letter is waiting to be delivered.",
+    "handed_back": "Durable events this instance gave back to the log when it stopped.",
+    "backlog": "Events a durable node's log holds (not yet taken, or not yet settled).",
 }
 
 

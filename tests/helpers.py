@@ -33,20 +33,26 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> Non
 
 
 async def drained(*nodes: happen.Node, timeout: float = 5.0) -> None:
-    """Wait until the nodes run nothing and queue nothing (as their stats say)."""
+    """Wait until the nodes run nothing, queue nothing, and hold nothing to retry or to
+    dead-letter (as their stats say)."""
 
     def idle() -> bool:
-        return all(not s.active and not s.queued for s in (n.stats() for n in nodes))
+        return all(
+            not (s.active or s.queued or s.retrying or s.dead_letters_pending)
+            for s in (n.stats() for n in nodes)
+        )
 
     await eventually(idle, timeout)
 
 
 def assert_accounted(node: happen.Node, sent: int) -> happen.NodeStats:
-    """Every event that reached ``node`` is counted once, and every accepted one finished."""
+    """Every event that reached ``node`` is counted once, and every accepted one has its
+    one outcome: completed, failed or dead-lettered."""
     stats = node.stats()
     assert stats.accepted + stats.rejected + stats.dropped == sent, stats
-    assert stats.completed + stats.failed == stats.accepted, stats
+    assert stats.completed + stats.failed + stats.dead_lettered == stats.accepted, stats
     assert stats.active == 0 and stats.queued == 0, stats
+    assert stats.retrying == 0 and stats.dead_letters_pending == 0, stats
     return stats
 
 

@@ -3,7 +3,8 @@ buckets, run on the memory transport (asyncio and trio) and on NATS JetStream.
 
 Redelivery is a matter of time (``ack_wait``, a nak's delay): these tests use short waits,
 fetch with a timeout rather than sleep, and bound what they measure loosely (the machine is
-shared), never to the millisecond.
+shared), never to the millisecond. The memory transport's clock is the event loop's, so under
+trio they run on a mock clock that jumps over every wait (the same assertions, no real time).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 
 import anyio
 import pytest
+from trio.testing import MockClock
 
 from happen._errors import PayloadTooLargeError, QueueFullError, TransportError
 from happen._transport import (
@@ -34,6 +36,17 @@ from happen._transport import (
 )
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        "asyncio",
+        pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
+
 
 WAIT = 5.0  # seconds: a fetch that should find something never needs this long
 QUIET = 0.3  # seconds: a fetch that should find nothing waits this long

@@ -41,3 +41,14 @@ def test_the_service_examples_unit_tests_pass() -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "8 passed" in run.stdout
+
+
+@pytest.mark.timeout(60)
+def test_the_ledger_example() -> None:
+    """examples/ledger.py: keyed by account across three instances, balances in node state."""
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ledger.py")], capture_output=True, text=True, timeout=55
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "balances: [10] for 12 accounts" in run.stdout
+    assert "state conflicts: 0" in run.stdout

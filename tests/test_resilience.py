@@ -170,7 +170,7 @@ def test_arbitrary_frames_never_break_a_node(batch: list[bytes]) -> None:
             assert codes <= {"bad_request", "no_handler", "queue_full", "timeout"}, codes
             stats = node.stats()
             assert stats.accepted + stats.rejected == len(batch)
-            assert stats.completed + stats.failed == stats.accepted
+            assert stats.completed + stats.failed + stats.dead_lettered == stats.accepted
             # and it keeps serving
             client = system.create_node("client")
             assert await client.send("n", {"type": "x"}) == "ok"
@@ -489,7 +489,7 @@ async def test_stop_under_load_answers_every_caller_and_counts_everything(
     assert set(outcomes) <= {"result", "TransportError", "SystemStoppedError"}, outcomes
     stats = node.stats()
     assert stats.accepted == 200 and stats.active == 0 and stats.queued == 0
-    assert stats.completed + stats.failed == 200
+    assert stats.completed + stats.failed + stats.dead_lettered == 200
     assert stats.completed == outcomes.get("result", 0)
 
 
@@ -518,16 +518,16 @@ authorization {
     { user: "host-a", password: "pa",
       permissions: {
         subscribe: { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X", "NS.room.X",
-                             "NS.inst.X.*", "_INBOX.hostA.>"] }
+                             "NS.keys.X", "NS.inst.X.*", "_INBOX.hostA.>"] }
         publish:   { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z",
-                             "NS.room.X", "NS.inst.X.*", "_INBOX.>"] }
+                             "NS.room.X", "NS.keys.X", "NS.inst.X.*", "_INBOX.>"] }
       } }
     { user: "host-z", password: "pz",
       permissions: {
         subscribe: { allow: ["NS.node.Z", "NS.cancel.Z", "NS.ping.Z", "NS.room.Z",
-                             "NS.inst.Z.*", "_INBOX.hostZ.>"] }
+                             "NS.keys.Z", "NS.inst.Z.*", "_INBOX.hostZ.>"] }
         publish:   { allow: ["NS.node.X", "NS.cancel.X", "NS.ping.X",
-                             "NS.room.Z", "NS.inst.Z.*", "_INBOX.>"] }
+                             "NS.room.Z", "NS.keys.Z", "NS.inst.Z.*", "_INBOX.>"] }
       } }
   ]
 }

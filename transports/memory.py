@@ -668,6 +668,9 @@ class MemoryConsumer:
     def name(self) -> str:
         return self._state.name
 
+    #: A fetch takes its messages only once it returns: cancelling it loses nothing.
+    fetch_cancellable = True
+
     def _check_open(self) -> None:
         self._transport.check_open()
         if self._closed:

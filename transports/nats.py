@@ -765,6 +765,9 @@ class NatsConsumer:
     them.
     """
 
+    #: Messages the server sent to a cancelled fetch wait out ``ack_wait``.
+    fetch_cancellable = False
+
     def __init__(
         self, transport: NatsTransport, log: NatsLog, name: str, settings: ConsumerSettings
     ) -> None:

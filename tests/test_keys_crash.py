@@ -1,0 +1,152 @@
+"""Per-key order when the instance that owns a key is killed (SIGKILL), over NATS.
+
+What the docs promise for a node that is not durable: the events of the key that the killed
+instance had admitted are lost with it (their callers get ``HostLostError`` within
+``liveness_timeout``); the key's later events run on a surviving instance, in the order it
+accepts them, and none of them starts before the killed instance's lease has run out. Events
+sent meanwhile wait (held at the instance they reached), rather than fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import pytest
+
+import happen
+from happen.transports.nats import NatsTransport
+from tests.conftest import NatsServer
+from tests.helpers import eventually, unique_namespace
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nats]
+
+WORKER = str(Path(__file__).parent / "workers" / "keyed.py")
+LEASE = 1.0  # the liveness_timeout of every system here, and so the key lease
+WAIT = 20
+
+
+@asynccontextmanager
+async def worker_process(url: str, ns: str) -> AsyncIterator[anyio.abc.Process]:
+    process = await anyio.open_process([sys.executable, WORKER, url, ns, str(LEASE)])
+    try:
+        yield process
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+
+async def remote_stats(url: str, ns: str, pid: int) -> dict[str, Any]:
+    """Node ``ledger``'s stats in the process ``pid``, as ``happen stats`` reads them."""
+    transport = NatsTransport(url)
+    await transport.start()
+    try:
+        found: dict[str, Any] = {}
+        answered = anyio.Event()
+
+        async def on_reply(msg: happen.Message) -> None:
+            report = msgspec.json.decode(msg.data)
+            if report.get("pid") == pid:
+                found.update(report["nodes"].get("ledger", {}))
+                answered.set()
+
+        inbox = transport.new_inbox()
+        await transport.subscribe(inbox, on_reply)
+        await transport.publish(f"{ns}.stats", b"{}", reply=inbox)
+        with anyio.fail_after(5):
+            await answered.wait()
+        return found
+    finally:
+        await transport.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_killed_owners_keys_run_on_a_survivor_after_its_lease(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.start().url
+    ns = unique_namespace()
+    here = os.getpid()
+    starts: list[tuple[int, float]] = []
+    async with (
+        worker_process(url, ns) as process,
+        happen.System(transport=url, namespace=ns, liveness_timeout=LEASE) as system,
+    ):
+        ledger = system.create_node("ledger")
+
+        @ledger.on("op")
+        async def op(event: happen.Event, context: dict[str, Any]) -> dict[str, Any]:
+            starts.append((event.payload["n"], anyio.current_time()))
+            return {"pid": here, "n": event.payload["n"]}
+
+        observer = system.create_node("observer")
+        hanging = anyio.Event()
+        observer.on("started", lambda event, context: hanging.set())
+        client = system.create_node("client")
+
+        # Both instances take part; find a key the worker process owns.
+        key = None
+        with anyio.fail_after(WAIT):
+            while key is None:
+                for n in range(64):
+                    try:
+                        got = await client.send(
+                            "ledger", {"type": "op", "payload": {"n": 0}}, key=f"k{n}", timeout=2
+                        )
+                    except (happen.NodeNotFoundError, happen.SendTimeout):
+                        await anyio.sleep(0.05)
+                        break
+                    if got["pid"] == process.pid:
+                        key = f"k{n}"
+                        break
+        worker_pid = process.pid
+        starts.clear()
+        lost: list[BaseException] = []
+
+        async def send(n: int, hang: bool = False) -> Any:
+            payload = {"n": n, "hang": hang}
+            return await client.send("ledger", {"type": "op", "payload": payload}, key=key)
+
+        async def doomed(n: int, hang: bool = False) -> None:
+            try:
+                await send(n, hang)
+            except happen.HappenError as exc:
+                lost.append(exc)
+
+        results: dict[int, Any] = {}
+
+        async def later(n: int) -> None:
+            results[n] = await send(n)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(doomed, 1, True)  # runs on the worker, and hangs there
+            with anyio.fail_after(WAIT):
+                await hanging.wait()
+            tg.start_soon(doomed, 2)  # waits behind it, on the worker
+            with anyio.fail_after(WAIT):
+                # (polling another process's counters, bounded)
+                while (await remote_stats(url, ns, worker_pid)).get("keyed_waiting") != 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            died = anyio.current_time()
+            for n, waiting in ((3, 1), (4, 2)):  # sent while nobody owns the key
+                tg.start_soon(later, n)
+                await eventually(lambda w=waiting: ledger.stats().keyed_waiting == w, WAIT)
+        assert len(lost) == 2 and all(isinstance(exc, happen.HostLostError) for exc in lost)
+        assert results == {3: {"pid": here, "n": 3}, 4: {"pid": here, "n": 4}}
+        assert [n for n, _ in starts] == [3, 4], "in the order the survivor accepted them"
+        assert starts[0][1] - died >= 0.5 * LEASE, "not before the killed owner's lease ran out"
+        assert (await send(5))["pid"] == here
+    stats = ledger.stats()
+    assert stats.accepted == stats.completed and stats.failed == stats.rejected == 0
