@@ -624,7 +624,8 @@ class Caller:
 
     def new_call(self, target_id: str) -> Call:
         call = Call(self, target_id)
-        if self.stores(target_id):
+        durable = self.durable  # (``stores``, written out: every call is made here)
+        if durable is not None and durable.any_durable and durable.durable(target_id):
             call.durable = True
         return call
 
