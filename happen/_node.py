@@ -8,6 +8,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -30,6 +31,7 @@ from happen._errors import (
     CodecError,
     HappenError,
     InvalidIdError,
+    NoHandlerError,
     PayloadTooLargeError,
     Reject,
     Retry,
@@ -1450,7 +1452,7 @@ class Node:
             wire.report_bad_input(f"durable node {self.id!r}", exc)
             if reply:
                 await wire.reply(reply, p.Failure(p.BAD_REQUEST, p.fit_message(str(exc))))
-            await self._poisoned(delivery)
+            await self._poisoned(delivery, exc)
             return
         handler = self._handlers.select(frame.type)
         if handler is None:
@@ -1462,7 +1464,7 @@ class Node:
             if reply:
                 await wire.reply(reply, p.Failure(p.NO_HANDLER, message))
             log.warning("durable %s: settled without running it", message)
-            await self._poisoned(delivery)
+            await self._poisoned(delivery, NoHandlerError(message), frame)
             return
         payload = frame.payload
         if handler.convert is not None:
@@ -1473,7 +1475,7 @@ class Node:
                     self._refuse_broadcast(frame.type, exc)
                 else:
                     await self._refuse_payload(frame.type, exc, reply)
-                await self._poisoned(delivery)
+                await self._poisoned(delivery, exc, frame)
                 return
         context = frame.context or external_context(self._ids)
         # Attempts count deliveries: one that comes back after a crash is the next attempt.
@@ -1495,8 +1497,51 @@ class Node:
         self._held[id(delivery)] = work
         self._admit(work, priority, force=True)  # (fetched for a free slot: never refused)
 
-    async def _poisoned(self, delivery: Delivery) -> None:
-        """An event this node can never run: settled, so it is not delivered for ever."""
+    async def _poisoned(self, delivery: Delivery, error: BaseException, frame: Any = None) -> None:
+        """An event this node can never run: settled, so it is not delivered for ever;
+        dead-lettered first when the node has a dead-letter node (in the background)."""
+        target = self._delivery.dead_letter
+        if target is None or (frame is not None and frame.type == DEAD_LETTER_TYPE):
+            await _settle_quietly(delivery.term, self.id)
+            return
+        self._runtime.spawn(self._poison_letter, delivery, error, frame, target)
+
+    async def _poison_letter(
+        self, delivery: Delivery, error: BaseException, frame: Any, target: str
+    ) -> None:
+        """Deliver the dead letter of an event this node cannot run, then settle it. If the
+        letter cannot be delivered, the event goes back to the log (after the backoff) and
+        comes round again: it is never dropped."""
+        message = p.describe(error)
+        if frame is not None:
+            context = frame.context or external_context(self._ids)
+            event = Event(frame.type, frame.payload, context)
+            payload = dead_letter_payload(event, self.id, error, 0, message)
+            current_event.set(event)  # the letter's causal parent
+            event_id = f"{context.id}:dead"
+        else:  # not even decoded: the letter carries the stored bytes as they are
+            payload = {
+                "event": {"type": None, "payload": delivery.data, "context": None},
+                "node": self.id,
+                "error": {"type": type(error).__name__, "message": message},
+                "attempts": 0,
+            }
+            event_id = f"{delivery.msg_id or delivery.seq}:dead"
+        try:
+            await self._dead_letters.publish(self.id, target, event_id, payload)
+        except Exception as exc:
+            delay = self._delivery.delay(max(1, delivery.delivery_count))
+            log.warning(
+                "node %r could not dead-letter an event it cannot run (%s: %s); it goes back "
+                "to the log for %.3g s",
+                self.id,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            with anyio.CancelScope(shield=True):
+                await _settle_quietly(partial(delivery.nak, delay), self.id)
+            return
         await _settle_quietly(delivery.term, self.id)
 
     async def _settle_delivery(self, work: Work) -> None:

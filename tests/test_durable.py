@@ -658,3 +658,37 @@ async def test_a_durable_event_whose_dead_letter_cannot_be_sent_is_kept_not_drop
     async with second:
         await eventually(lambda: again.stats().completed == 1, WAIT)
     assert letters == [], "the event itself ran again (it was kept), no letter was needed"
+
+
+async def test_events_a_durable_node_cannot_run_are_dead_lettered_when_it_has_a_dead_letter_node(
+    make_transport: Callable[[], Transport],
+) -> None:
+    ns = unique_namespace()
+    transport = make_transport()
+    config = {"patterns": {"worker": {"durable": True, "ack_wait": ACK, "dead_letter": "dlq"}}}
+    async with happen.System(transport=transport, namespace=ns, delivery=config) as system:
+        letters: list[happen.Event] = []
+        system.create_node("dlq").on("happen.dead_letter", lambda e, c: letters.append(e))
+        worker = system.create_node("worker")
+        worker.on("known", lambda event, context: "ok")
+        client = system.create_node("client")
+        await system.ready()
+        log = await durable_transport(transport).durable_log(f"happen_{ns}_node_worker")
+        await client.enqueue("worker", {"type": "unknown", "payload": 7}, id="u-1")
+        await log.append("events", b"\xc1 not a frame", msg_id="garbage")
+        await eventually(lambda: len(letters) == 2, WAIT)
+        by_error = {letter.payload["error"]["type"]: letter for letter in letters}
+        unknown = by_error["NoHandlerError"]
+        assert unknown.context.id == "u-1:dead" and unknown.context.causation_id == "u-1"
+        assert unknown.payload["event"]["type"] == "unknown"
+        assert unknown.payload["event"]["payload"] == 7
+        garbage = by_error["CodecError"]
+        assert garbage.payload["event"]["payload"] == b"\xc1 not a frame"
+        assert garbage.context.id == "garbage:dead"
+        consumer = await log.consumer("worker")
+        await eventually(lambda: worker.stats().rejected == 2, WAIT)
+        with anyio.fail_after(WAIT):
+            while await consumer.pending():
+                await anyio.sleep(0.01)
+        stats = accounted(worker)
+        assert (stats.accepted, stats.dead_lettered) == (0, 0), "rejected, never accepted"
