@@ -9,10 +9,36 @@ from tests.helpers import assert_accounted, drained, make_system
 
 pytestmark = pytest.mark.anyio
 
-BAD_IDS = ["a.b", "*", ">", "has space", "", "x" * 500, "tab\there", "new\nline",
-           "caf\u00e9", "\u0430dmin", "semi;colon", None, 7]
-BAD_TYPES = ["", "a..b", ".a", "a.", "*", ">", "a b", "x" * 500, "line\nbreak",
-             "\u0455end", "a/b", None, 3]
+BAD_IDS = [
+    "a.b",
+    "*",
+    ">",
+    "has space",
+    "",
+    "x" * 500,
+    "tab\there",
+    "new\nline",
+    "caf\u00e9",
+    "\u0430dmin",
+    "semi;colon",
+    None,
+    7,
+]
+BAD_TYPES = [
+    "",
+    "a..b",
+    ".a",
+    "a.",
+    "*",
+    ">",
+    "a b",
+    "x" * 500,
+    "line\nbreak",
+    "\u0455end",
+    "a/b",
+    None,
+    3,
+]
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)

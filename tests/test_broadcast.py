@@ -15,9 +15,12 @@ async def test_broadcast_reaches_every_matching_node(transport_url: str) -> None
     async with make_system(transport_url) as system:
         received: dict[str, list[str]] = {}
         nodes_by_name: dict[str, happen.Node] = {}
-        for name, pattern in [("audit", "order.*"), ("mailer", "order.created"),
-                              ("metrics", lambda t: t.startswith("order.")),
-                              ("billing", "payment.*")]:
+        for name, pattern in [
+            ("audit", "order.*"),
+            ("mailer", "order.created"),
+            ("metrics", lambda t: t.startswith("order.")),
+            ("billing", "payment.*"),
+        ]:
             node = system.create_node(name)
             nodes_by_name[name] = node
             received[name] = []
@@ -130,8 +133,11 @@ async def test_streamed_broadcast_source_failure_reaches_subscribers(transport_u
 async def test_broadcast_copies_over_a_full_queue_are_dropped_and_counted(
     transport_url: str,
 ) -> None:
-    config = {"patterns": {"narrow": {"max_concurrent": 1, "queue_limit": 2,
-                                      "backpressure_threshold": 1.0}}}
+    config = {
+        "patterns": {
+            "narrow": {"max_concurrent": 1, "queue_limit": 2, "backpressure_threshold": 1.0}
+        }
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("narrow")
         release = anyio.Event()

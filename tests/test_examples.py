@@ -33,8 +33,15 @@ def test_multihost_demo() -> None:
 def test_the_service_examples_unit_tests_pass() -> None:
     """examples/service/test_app.py shows how to unit-test handlers on the memory transport."""
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(EXAMPLES / "service" / "test_app.py")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(EXAMPLES / "service" / "test_app.py"),
+        ],
         capture_output=True,
         text=True,
         timeout=55,

@@ -46,7 +46,9 @@ def test_settings_resolve_from_least_to_most_specific_pattern() -> None:
         }
     )
     assert system.concurrency_for("api-v1-users") == happen.ConcurrencySettings(
-        max_concurrent=200, queue_limit=20_000, queue_strategy="priority",
+        max_concurrent=200,
+        queue_limit=20_000,
+        queue_strategy="priority",
         backpressure_threshold=0.8,
     )
     assert system.concurrency_for("worker") == happen.ConcurrencySettings(
@@ -87,8 +89,15 @@ async def test_at_most_max_concurrent_handlers_run_at_once(transport_url: str) -
 
 @pytest.mark.parametrize("strategy", ["fifo", "priority"])
 async def test_queue_order_fifo_or_by_priority(transport_url: str, strategy: str) -> None:
-    config = {"patterns": {"single": {"max_concurrent": 1, "queue_strategy": strategy,
-                                      "backpressure_threshold": 1.0}}}
+    config = {
+        "patterns": {
+            "single": {
+                "max_concurrent": 1,
+                "queue_strategy": strategy,
+                "backpressure_threshold": 1.0,
+            }
+        }
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("single")
         gate = anyio.Event()
@@ -120,8 +129,9 @@ async def test_queue_order_fifo_or_by_priority(transport_url: str, strategy: str
 
 
 async def test_full_queue_rejects_with_queue_full_error(transport_url: str) -> None:
-    config = {"patterns": {"tiny": {"max_concurrent": 1, "queue_limit": 2,
-                                    "backpressure_threshold": 1.0}}}
+    config = {
+        "patterns": {"tiny": {"max_concurrent": 1, "queue_limit": 2, "backpressure_threshold": 1.0}}
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("tiny")
         release = anyio.Event()
@@ -156,8 +166,11 @@ async def test_a_local_sender_is_held_while_the_node_is_under_pressure(
     transport_url: str,
 ) -> None:
     # pressure band: 5 <= queued < 10
-    config = {"patterns": {"busy": {"max_concurrent": 1, "queue_limit": 10,
-                                    "backpressure_threshold": 0.5}}}
+    config = {
+        "patterns": {
+            "busy": {"max_concurrent": 1, "queue_limit": 10, "backpressure_threshold": 0.5}
+        }
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("busy")
         release = anyio.Event()
@@ -191,8 +204,11 @@ async def test_a_local_sender_is_held_while_the_node_is_under_pressure(
 
 
 async def test_flood_accounts_for_every_event(transport_url: str) -> None:
-    config = {"patterns": {"sink": {"max_concurrent": 4, "queue_limit": 50,
-                                    "backpressure_threshold": 1.0}}}
+    config = {
+        "patterns": {
+            "sink": {"max_concurrent": 4, "queue_limit": 50, "backpressure_threshold": 1.0}
+        }
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("sink")
 

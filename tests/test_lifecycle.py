@@ -131,10 +131,7 @@ async def test_system_stats_lists_every_node(transport_url: str) -> None:
 
 
 def test_all_is_complete_and_names_report_the_package() -> None:
-    public = {
-        name for name in dir(happen)
-        if not name.startswith("_") and name[0].isupper()
-    }
+    public = {name for name in dir(happen) if not name.startswith("_") and name[0].isupper()}
     assert public == set(happen.__all__)
     for name in happen.__all__:
         obj = getattr(happen, name)

@@ -34,8 +34,6 @@ def test_readme_program_runs(code: str, tmp_path: Path) -> None:
 
 def test_quickstart_runs() -> None:
     script = Path(__file__).parent.parent / "examples" / "quickstart.py"
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "rejected: 0" in done.stdout

@@ -83,10 +83,42 @@ async def test_a_thousand_abandoned_streams_leave_nothing_behind(transport_url: 
         assert time.monotonic() - began < 30
 
 
-KINDS = ["req", "res", "err", "hold", "ack", "start", "chunk", "chunks", "end", "credit",
-         "cancel", "abandon", "bcast", "bitem", "bend", "nonsense"]
-FIELDS = ["k", "type", "payload", "context", "priority", "window", "timeout_ms", "origin",
-          "probe", "value", "code", "items", "n", "reply", "stream", "control"]
+KINDS = [
+    "req",
+    "res",
+    "err",
+    "hold",
+    "ack",
+    "start",
+    "chunk",
+    "chunks",
+    "end",
+    "credit",
+    "cancel",
+    "abandon",
+    "bcast",
+    "bitem",
+    "bend",
+    "nonsense",
+]
+FIELDS = [
+    "k",
+    "type",
+    "payload",
+    "context",
+    "priority",
+    "window",
+    "timeout_ms",
+    "origin",
+    "probe",
+    "value",
+    "code",
+    "items",
+    "n",
+    "reply",
+    "stream",
+    "control",
+]
 scalars = (
     st.none()
     | st.booleans()
@@ -97,19 +129,28 @@ scalars = (
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 # each kind with its required fields, of the right types, holding arbitrary values
 REQUIRED: dict[str, dict[str, Any]] = {
-    "req": {"type": st.text(max_size=10)}, "res": {"value": values},
-    "err": {"code": st.text(max_size=12)}, "hold": {}, "ack": {},
-    "start": {"control": st.text(max_size=30)}, "chunk": {"item": values},
-    "chunks": {"items": st.lists(values, max_size=5)}, "end": {},
-    "credit": {"n": st.integers(-(2**63), 2**63 - 1)}, "cancel": {},
-    "abandon": {"reply": st.text(max_size=30)}, "bcast": {"type": st.text(max_size=10)},
-    "bitem": {"stream": st.text(max_size=10)}, "bend": {"stream": st.text(max_size=10)},
+    "req": {"type": st.text(max_size=10)},
+    "res": {"value": values},
+    "err": {"code": st.text(max_size=12)},
+    "hold": {},
+    "ack": {},
+    "start": {"control": st.text(max_size=30)},
+    "chunk": {"item": values},
+    "chunks": {"items": st.lists(values, max_size=5)},
+    "end": {},
+    "credit": {"n": st.integers(-(2**63), 2**63 - 1)},
+    "cancel": {},
+    "abandon": {"reply": st.text(max_size=30)},
+    "bcast": {"type": st.text(max_size=10)},
+    "bitem": {"stream": st.text(max_size=10)},
+    "bend": {"stream": st.text(max_size=10)},
 }
 well_formed = st.sampled_from(sorted(REQUIRED)).flatmap(
     lambda kind: st.fixed_dictionaries({"k": st.just(kind), **REQUIRED[kind]}).map(
@@ -198,9 +239,10 @@ async def test_a_server_with_a_password_refuses_strangers_and_serves_its_users()
         assert time.monotonic() - began < 5, "refused at once, not after minutes"
         url = f"nats://svc:s3cret@127.0.0.1:{server.port}"
         options = NatsTransport(server.url, user="svc", password="s3cret")
-        async with happen.System(transport=url, namespace=ns) as a, happen.System(
-            transport=options, namespace=ns
-        ) as b:
+        async with (
+            happen.System(transport=url, namespace=ns) as a,
+            happen.System(transport=options, namespace=ns) as b,
+        ):
             node = b.create_node("guarded")
             node.on("hello", lambda e, c: f"hello {e.payload}")
             client = a.create_node("client")
@@ -293,8 +335,11 @@ async def test_ten_times_queue_limit_senders_are_refused_counted_and_then_served
     transport_url: str,
 ) -> None:
     limit = 200
-    config = {"patterns": {"target": {"max_concurrent": 4, "queue_limit": limit,
-                                      "backpressure_threshold": 1.0}}}
+    config = {
+        "patterns": {
+            "target": {"max_concurrent": 4, "queue_limit": limit, "backpressure_threshold": 1.0}
+        }
+    }
     async with make_system(transport_url, concurrency=config) as system:
         node = system.create_node("target")
         release = anyio.Event()
@@ -547,13 +592,14 @@ async def test_per_subject_permissions_from_the_guide(tmp_path: Path) -> None:
     with NatsServer(extra_args=["-c", str(config)]) as server:
 
         def host(user: str, password: str, inbox: str) -> happen.System:
-            transport = NatsTransport(server.url, user=user, password=password,
-                                      inbox_prefix=inbox)
+            transport = NatsTransport(server.url, user=user, password=password, inbox_prefix=inbox)
             return happen.System(transport=transport, namespace=ns)
 
-        async with host("host-a", "pa", "_INBOX.hostA") as a, host(
-            "host-z", "pz", "_INBOX.hostZ"
-        ) as z, host("host-z", "pz", "_INBOX.hostZ.other") as other:
+        async with (
+            host("host-a", "pa", "_INBOX.hostA") as a,
+            host("host-z", "pz", "_INBOX.hostZ") as z,
+            host("host-z", "pz", "_INBOX.hostZ.other") as other,
+        ):
             x = a.create_node("X")
             x.on("hello", lambda e, c: "from X")
             z_node = z.create_node("Z")

@@ -22,9 +22,7 @@ async def test_send_returns_the_handler_result(transport_url: str) -> None:
             return {"ok": True, "id": event.payload["id"]}
 
         client = system.create_node("client")
-        result = await client.send(
-            "order-service", {"type": "process-order", "payload": {"id": 7}}
-        )
+        result = await client.send("order-service", {"type": "process-order", "payload": {"id": 7}})
         assert result == {"ok": True, "id": 7}
         assert await client.send(orders, happen.Event("process-order", {"id": 8})) == {
             "ok": True,
@@ -170,7 +168,9 @@ async def test_no_matching_handler_is_rejected_and_counted(transport_url: str) -
 
 async def test_timeout_raises_send_timeout_and_cancels_the_handler(transport_url: str) -> None:
     async with make_system(transport_url) as system:
-        node = system.create_node("slow", )
+        node = system.create_node(
+            "slow",
+        )
         started = anyio.Event()
         cancelled = anyio.Event()
 

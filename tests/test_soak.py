@@ -33,9 +33,10 @@ def rss() -> int:
 async def test_soak_at_eighty_percent_of_capacity(nats_server: NatsServer) -> None:
     url = nats_server.start().url
     ns = unique_namespace()
-    async with happen.System(transport=url, namespace=ns) as a, happen.System(
-        transport=url, namespace=ns
-    ) as b:
+    async with (
+        happen.System(transport=url, namespace=ns) as a,
+        happen.System(transport=url, namespace=ns) as b,
+    ):
         service = b.create_node("service")
         heard = 0
 
