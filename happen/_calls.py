@@ -42,7 +42,7 @@ from happen._errors import (
     TransportError,
     ValidationError,
 )
-from happen._events import Event, IdGenerator, new_context, with_id
+from happen._events import Event, IdGenerator, new_context
 from happen._ids import (
     MAX_KEY,
     validate_event_id,
@@ -644,7 +644,7 @@ class Caller:
         if key is not None:
             validate_key(key)
         durable = self.durable
-        if durable is None or not durable.durable(target_id):
+        if durable is None or not self.stores(target_id):
             raise InvalidConfigError(
                 f"node {target_id!r} is not durable: enqueue stores events for durable nodes "
                 f"only (delivery={{'patterns': {{{target_id!r}: {{'durable': True}}}}}})"
@@ -655,9 +655,7 @@ class Caller:
             watch = self.observer.call_started("enqueue", sender, target_id, event_type)
             trace = watch.trace
         try:
-            context = new_context(self._ids, sender, trace)
-            if event_id is not None:
-                context = with_id(context, event_id)
+            context = new_context(self._ids, sender, trace, event_id)
             frame = p.Request(
                 event_type, payload, context, 0, self.window, None, self._system_id, key=key
             )

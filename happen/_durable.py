@@ -22,7 +22,7 @@ from typing import Protocol
 import anyio
 import msgspec
 
-from happen._errors import InvalidConfigError, QueueFullError, TransportError
+from happen._errors import QueueFullError, TransportError
 from happen._transport import (
     ConsumerSettings,
     Delivery,
@@ -201,14 +201,6 @@ class DurableLogs:
         broadcasts = await (await self.broadcast_log()).consumer(node_id, settings)
         return events, broadcasts
 
-    def check_durable(self, node_id: str) -> None:
-        """``InvalidConfigError`` unless ``node_id`` is a durable node."""
-        if not self.durable(node_id):
-            raise InvalidConfigError(
-                f"node {node_id!r} is not durable: enqueue needs a durable node "
-                f"(delivery={{'patterns': {{{node_id!r}: {{'durable': True}}}}}})"
-            )
-
 
 class Slots(Protocol):
     """The free capacity an intake fetches for (the node's mailbox)."""
@@ -345,8 +337,3 @@ class Intake:
                 except TransportError as exc:
                     log.debug("reading node %r's backlog failed: %s", self.node_id, exc)
                 await anyio.sleep(period if math.isfinite(period) else 1.0)
-
-    async def refresh_backlog(self) -> None:
-        """Read the node's backlog now."""
-        if self._consumers:
-            self._backlog(await self._consumers[0].pending())

@@ -23,7 +23,6 @@ __all__ = [
     "current_event",
     "external_context",
     "new_context",
-    "with_id",
 ]
 
 #: How many node ids ``CausalContext.path`` keeps: the last hops of the flow. A flow that
@@ -148,11 +147,3 @@ def new_context(
     return CausalContext(
         event_id, sender, ctx.correlation_id, (*path, sender), now, ctx.id, hops, trace
     )
-
-
-def with_id(context: CausalContext, event_id: str) -> CausalContext:
-    """``context`` with the event id ``event_id`` (an idempotency key the sender chose); a
-    root event's correlation id is its id, so it changes too."""
-    if context.causation_id is None:
-        return msgspec.structs.replace(context, id=event_id, correlation_id=event_id)
-    return msgspec.structs.replace(context, id=event_id)
