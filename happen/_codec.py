@@ -44,6 +44,10 @@ class Codec:
         self.max_depth = max_depth
         self._json = name == "json"
         self._converters: dict[Any, Converter[Any]] = {}
+        #: The bytes of the last value encoded, which passed the depth check: the memory
+        #: transport hands this very object to the subscribers, and they need not scan it
+        #: again (bytes are immutable, and the reference kept means the id is not reused).
+        self.checked = b""
         if name == "msgpack":
             self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
                 msgspec.msgpack.Encoder()
@@ -79,6 +83,7 @@ class Codec:
             )
         if self._json and b"null" in data and _holds_non_finite_float(value):
             raise CodecError(f"cannot encode with the json codec: {_NON_FINITE_JSON}")
+        self.checked = data
         return data
 
     def decoder(self, type: type[T]) -> Decoder[T]:
@@ -116,7 +121,7 @@ class Decoder(Generic[T]):
 
     def decode(self, data: bytes) -> T:
         """Decode ``data``; raise ``CodecError`` on bad, mis-shaped or too-deep input."""
-        if self._too_deep(data):
+        if data is not self._codec.checked and self._too_deep(data):
             raise CodecError(f"refused input nested deeper than {self._codec.max_depth} levels")
         try:
             return self._decode(data)
