@@ -194,6 +194,19 @@ class Call:
             return  # after the end: a duplicate, or a frame of a stream cut off
         self.heard += 1
         kind = type(frame)
+        if kind is p.Result:  # (the final frame of every call that does not stream)
+            if self.held or self.probe is not None or self.reserved is not None:
+                self.release()
+            self.waiting = False
+            self.ended = True
+            self.caller.answered()
+            frames = self._frames  # (``_queue``, written out)
+            if frames is None:
+                frames = self._frames = deque()
+            frames.append(frame)
+            if self._wake is not None:
+                self._wake.set()
+            return
         if kind is p.Chunk or kind is p.Chunks:
             self._take_items(frame, 1 if kind is p.Chunk else len(frame.items))
             return
@@ -595,7 +608,8 @@ class Caller:
 
     def prepare(self, target: Any, event: Any) -> tuple[str, str, Any]:
         """Check a call's target and event; returns (node id, event type, payload)."""
-        self.check_running()
+        if self.runtime.state != "running":
+            self.check_running()  # (raises)
         target_id = target if type(target) is str else getattr(target, "id", target)
         target_id = validate_node_id(target_id)
         if type(event) is dict and "type" in event and len(event) <= 2:
@@ -848,8 +862,9 @@ class Caller:
 
     async def _open(self, call: Call, frame: p.Request, data: bytes) -> Any:
         """Publish a request; return its first reply (a Result or a StreamStart)."""
-        self.check_running()
         runtime = self.runtime
+        if runtime.state != "running":
+            self.check_running()  # (raises)
         if runtime.syncing:
             await runtime.settled()
         target = call.target
@@ -892,6 +907,9 @@ class Caller:
             with anyio.CancelScope(shield=True):
                 await self.abandon(call)
             raise
+        if type(first) is p.Result:  # (``_first_reply``, written out for the common case)
+            self.forget(call)
+            return first
         return self._first_reply(call, event_type, first)
 
     async def _open_durable(self, call: Call, frame: p.Request, data: bytes) -> Any:
@@ -1013,7 +1031,8 @@ class Caller:
     # ----- pending calls ------------------------------------------------------------
 
     def forget(self, call: Call) -> None:
-        call.release()
+        if call.held or call.probe is not None or call.reserved is not None:
+            call.release()  # (most calls released all they held with their final frame)
         self.wire.routes.pop(call.token, None)  # (``wire.forget``: a call is never a probe)
 
     def arrived(self, reply: str) -> None:

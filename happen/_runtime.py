@@ -49,6 +49,9 @@ class Runtime:
         self._cancelling = False
         self._tasks_done: anyio.Event | None = None
         self._syncing = 0
+        #: Whether a subscription asked for is not live yet (read on every send: an
+        #: attribute, not a property).
+        self.syncing = False
         self._settled: anyio.Event | None = None
         self._loop_thread: int | None = None
 
@@ -132,15 +135,13 @@ class Runtime:
 
     # ----- subscriptions being brought up to date ------------------------------------
 
-    @property
-    def syncing(self) -> bool:
-        return self._syncing > 0
-
     def sync_started(self) -> None:
         self._syncing += 1
+        self.syncing = True
 
     def sync_ended(self) -> None:
         self._syncing -= 1
+        self.syncing = self._syncing > 0
         if not self._syncing and self._settled is not None:
             event, self._settled = self._settled, None
             event.set()
