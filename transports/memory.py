@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from happen._errors import PayloadTooLargeError, TransportError
 from happen._transport import (
@@ -63,18 +64,16 @@ log = logging.getLogger("happen.transports.memory")
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
-class MemoryMessage:
-    """A delivered message (the same attributes as nats-py's ``Msg``)."""
+class MemoryMessage(msgspec.Struct, gc=False):
+    """A delivered message (the same attributes as nats-py's ``Msg``).
 
-    __slots__ = ("data", "headers", "reply", "subject")
+    A Struct: one is made for every message delivered, and a Struct is built without running
+    any Python code."""
 
-    def __init__(
-        self, subject: str, data: bytes, reply: str, headers: dict[str, str] | None
-    ) -> None:
-        self.subject = subject
-        self.data = data
-        self.reply = reply
-        self.headers = headers
+    subject: str
+    data: bytes
+    reply: str
+    headers: dict[str, str] | None
 
 
 class MemorySubscription:
@@ -320,7 +319,8 @@ class MemoryTransport:
         reply: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._check_open()
+        if self._closed or not self._started:
+            self._check_open()  # (raises)
         size = len(data)
         if headers:
             size += _header_size(headers)
