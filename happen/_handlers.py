@@ -15,7 +15,15 @@ import anyio
 from happen._events import Event
 from happen._patterns import Pattern
 
-__all__ = ["Handler", "HandlerTable", "check_process_handler", "invoke", "payload_type"]
+__all__ = [
+    "ASYNC",
+    "Handler",
+    "HandlerTable",
+    "check_process_handler",
+    "classify",
+    "invoke",
+    "payload_type",
+]
 
 ASYNC, AGEN, SYNC = 0, 1, 2
 

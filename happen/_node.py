@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import heapq
-import inspect
 import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from functools import partial
+from types import AsyncGeneratorType
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -40,7 +40,15 @@ from happen._errors import (
     ValidationError,
 )
 from happen._events import Event, IdGenerator, current_event, external_context
-from happen._handlers import Handler, HandlerTable, check_process_handler, invoke, payload_type
+from happen._handlers import (
+    ASYNC,
+    Handler,
+    HandlerTable,
+    check_process_handler,
+    classify,
+    invoke,
+    payload_type,
+)
 from happen._ids import MAX_KEY, validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
@@ -72,58 +80,32 @@ STOPPED = "the system stopped"
 ROOM_WAIT = 0.25
 
 
-class Work:
+class Work(msgspec.Struct, eq=False):
     """An admitted event waiting for, or holding, a slot.
 
     ``attempt`` is the number of its current (or next) execution, 1 for the first; while
     ``pending`` its outcome is still to come after the attempt that ran (it waits to run
     again, or for its dead letter to be delivered): it stays in the node's in-flight map.
+
+    A Struct (compared by identity): one is made for every event admitted, and a Struct is
+    built without running any Python code.
     """
 
-    __slots__ = (
-        "abandoned",
-        "attempt",
-        "deadline",
-        "delivery",
-        "event",
-        "handler",
-        "key",
-        "made",
-        "origin",
-        "pending",
-        "reply",
-        "scope",
-        "seal",
-        "taken",
-        "window",
-    )
-
-    def __init__(
-        self,
-        event: Event,
-        handler: Handler,
-        reply: str,
-        window: int,
-        deadline: float | None,
-        seal: str = "",
-        origin: str = "",
-        key: str | None = None,
-    ) -> None:
-        self.event = event
-        self.key = key  # per-key order: the mailbox runs one event of a key at a time
-        self.handler = handler
-        self.reply = reply
-        self.window = window
-        self.deadline = deadline
-        self.seal = seal  # the digest of the caller's secret; "" from a foreign client
-        self.origin = origin  # the calling happen system's id, "" for a foreign client
-        self.scope: anyio.CancelScope | None = None  # the worker's scope while it runs
-        self.abandoned = False  # the caller gave up
-        self.made: list[Any] | None = None  # generators the handler made, under middleware
-        self.taken = False  # a worker took it: it no longer waits in the queue
-        self.delivery: Delivery | None = None  # a durable node's: settled at its outcome
-        self.attempt = 1
-        self.pending = False  # a retry or a dead letter is still to come
+    event: Event
+    handler: Handler
+    reply: str
+    window: int
+    deadline: float | None
+    seal: str = ""  # the digest of the caller's secret; "" from a foreign client
+    origin: str = ""  # the calling happen system's id, "" for a foreign client
+    key: str | None = None  # per-key order: the mailbox runs one event of a key at a time
+    scope: anyio.CancelScope | None = None  # the worker's scope while it runs
+    abandoned: bool = False  # the caller gave up
+    made: list[Any] | None = None  # generators the handler made, under middleware
+    taken: bool = False  # a worker took it: it no longer waits in the queue
+    delivery: Delivery | None = None  # a durable node's: settled at its outcome
+    attempt: int = 1
+    pending: bool = False  # a retry or a dead letter is still to come
 
 
 class Overflow:
@@ -1167,25 +1149,35 @@ class Node:
         limiter = runtime.limiter
         assert limiter is not None
         chain = self._middleware.chain
-        if chain:
-            work.made = []
-            execution = run_chain(chain, self.id, handler, event, limiter, work.made)
-        else:
-            execution = invoke(handler.fn, handler.kind, event, {}, limiter)
+        context: dict[str, Any] = {}
+        direct = False
         result: Any = None
         try:
+            if chain:
+                work.made = []
+                execution = run_chain(chain, self.id, handler, event, limiter, work.made)
+            elif handler.kind == ASYNC:  # (``invoke``'s first step, written out)
+                direct = True
+                execution = handler.fn(event, context)
+            else:
+                execution = invoke(handler.fn, handler.kind, event, context, limiter)
             if work.deadline is None:
                 result = await execution
-                if self._first_item_ahead and inspect.isasyncgen(result):
+                if direct and callable(result):  # the continuum goes on
+                    result = await invoke(result, classify(result), event, context, limiter)
+                if self._first_item_ahead and isinstance(result, AsyncGeneratorType):
                     result = await first_item_ahead(result)  # a failure before it may retry
             else:
                 with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
                     result = await execution
-                    if inspect.isasyncgen(result):  # the deadline bounds it until its first item
+                    if direct and callable(result):
+                        result = await invoke(result, classify(result), event, context, limiter)
+                    if isinstance(result, AsyncGeneratorType):
+                        # the deadline bounds it until its first item
                         result = await first_item_ahead(result)
                 if scope.cancelled_caught:
                     mailbox.failed += 1
-                    if inspect.isasyncgen(result):
+                    if isinstance(result, AsyncGeneratorType):
                         with anyio.CancelScope(shield=True):
                             await aclose_quietly(result)
                     await self._reply(work, self._timed_out(work))
@@ -1206,7 +1198,7 @@ class Node:
         except Exception as exc:
             await self._act(work, exc, self._decide(work, exc))
             return
-        if inspect.isasyncgen(result):
+        if isinstance(result, AsyncGeneratorType):
             await produce(
                 work,
                 result,
