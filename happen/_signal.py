@@ -8,7 +8,7 @@ them. The system picks a factory once, at start: a bare future under asyncio, tr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -21,16 +21,21 @@ class Signal(Protocol):
 
     def is_set(self) -> bool: ...
 
-    async def wait(self) -> None: ...
+    def wait(self) -> Awaitable[None]: ...
 
 
 class FutureSignal:
-    """A one-shot event on an asyncio future."""
+    """A one-shot event on an asyncio future.
+
+    ``wait()`` returns the future itself, so a waiter awaits it without a coroutine of its
+    own (a done future returns at once). The future is made directly: the running loop's
+    ``create_future`` (a Python method under asyncio) makes the same kind.
+    """
 
     __slots__ = ("_future",)
 
     def __init__(self) -> None:
-        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._future: asyncio.Future[None] = asyncio.Future()
 
     def set(self) -> None:
         if not self._future.done():
@@ -39,9 +44,8 @@ class FutureSignal:
     def is_set(self) -> bool:
         return self._future.done()
 
-    async def wait(self) -> None:
-        if not self._future.done():
-            await self._future
+    def wait(self) -> Awaitable[None]:
+        return self._future
 
 
 def signal_factory() -> Callable[[], Signal]:
