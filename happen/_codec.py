@@ -76,7 +76,8 @@ class Codec:
             raise CodecError(
                 f"cannot encode with the {self.name} codec: the value is nested too deeply"
             ) from None
-        if self._too_deep(data):
+        limit = self.max_depth  # (``_too_deep``, written out: every frame sent comes here)
+        if len(data.translate(None, self._other)) > limit and self._exact(data, limit):
             raise CodecError(
                 f"cannot send a message nested deeper than {self.max_depth} levels, counting "
                 "its envelope (the max_depth system setting); nothing was sent"
@@ -109,11 +110,12 @@ class Codec:
 class Decoder(Generic[T]):
     """Decodes bytes into one frame type after checking nesting depth."""
 
-    __slots__ = ("_codec", "_decode", "_too_deep")
+    __slots__ = ("_codec", "_decode", "_exact", "_other")
 
     def __init__(self, codec: Codec, type: type[T]) -> None:
         self._codec = codec
-        self._too_deep = codec._too_deep
+        self._other = codec._other
+        self._exact = codec._exact
         if codec.name == "msgpack":
             self._decode = msgspec.msgpack.Decoder(type).decode
         else:
@@ -121,8 +123,11 @@ class Decoder(Generic[T]):
 
     def decode(self, data: bytes) -> T:
         """Decode ``data``; raise ``CodecError`` on bad, mis-shaped or too-deep input."""
-        if data is not self._codec.checked and self._too_deep(data):
-            raise CodecError(f"refused input nested deeper than {self._codec.max_depth} levels")
+        codec = self._codec
+        if data is not codec.checked:  # (``Codec._too_deep``, written out)
+            limit = codec.max_depth
+            if len(data.translate(None, self._other)) > limit and self._exact(data, limit):
+                raise CodecError(f"refused input nested deeper than {limit} levels")
         try:
             return self._decode(data)
         except msgspec.ValidationError as exc:
