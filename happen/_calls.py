@@ -873,7 +873,8 @@ class Caller:
             return await self._open_durable(call, frame, data)
         mailbox = self._local_mailbox(target)
         if mailbox is not None:
-            while mailbox.holds_local_senders():
+            # (nothing queued or in transit: the mailbox holds no sender)
+            while (mailbox.queued or mailbox.in_transit) and mailbox.holds_local_senders():
                 await mailbox.wait_relief()
             mailbox.in_transit += 1
             call.reserved = mailbox

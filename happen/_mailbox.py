@@ -564,7 +564,9 @@ class Mailbox(Generic[Item]):
                 self._wake_waiters()
         else:
             self.active -= 1
-            self._signal_drained()
+            if self._drained is not None and not self.active:  # (``_signal_drained``)
+                event, self._drained = self._drained, None
+                event.set()
             if self._slot_freed is not None:
                 event, self._slot_freed = self._slot_freed, None
                 event.set()

@@ -755,7 +755,8 @@ class Node:
         event = Event(req.type, payload, context, key=key)
         work = Work(event, handler, reply, window, deadline, req.seal, req.origin, key)
         if self._admit(work, req.priority):
-            if reply and (req.probe or mailbox.holds_senders):  # (else nothing to say now)
+            # (else nothing to say now; an empty queue never holds senders)
+            if reply and (req.probe or (mailbox.queued and mailbox.holds_senders)):
                 return self._acknowledge(work, req)
             return None
         if req.forwarded or key is not None or not self._twins:
