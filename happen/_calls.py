@@ -954,12 +954,30 @@ class Caller:
             raise first
         raise TransportError(f"unexpected {kind.__name__} reply from node {target!r}")
 
-    async def broadcast(self, sender: str, event: Any, stream: AsyncIterable[Any] | None) -> None:
+    def broadcast(
+        self, sender: str, event: Any, stream: AsyncIterable[Any] | None
+    ) -> Awaitable[None]:
+        """Publish a broadcast (``await caller.broadcast(...)``): an event that is not
+        valid raises here; an unwatched broadcast runs in one coroutine, not two."""
         _, event_type, payload = self.prepare(sender, event)
         if self.observer is None:
-            await self._broadcast(sender, event_type, payload, stream, None)
-            return
-        watch = self.observer.call_started("broadcast", sender, None, event_type)
+            return self._broadcast(sender, event_type, payload, stream, None)
+        return self._broadcast_watched(
+            self.observer.call_started("broadcast", sender, None, event_type),
+            sender,
+            event_type,
+            payload,
+            stream,
+        )
+
+    async def _broadcast_watched(
+        self,
+        watch: CallWatch,
+        sender: str,
+        event_type: str,
+        payload: Any,
+        stream: AsyncIterable[Any] | None,
+    ) -> None:
         try:
             await self._broadcast(sender, event_type, payload, stream, watch.trace)
         except BaseException as exc:

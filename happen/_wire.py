@@ -413,16 +413,22 @@ class Wire:
     def encode(self, frame: Any) -> bytes:
         return self.codec.encode(frame)
 
-    async def publish(self, subject: str, frame: Any, *, reply: str | None = None) -> None:
-        """Encode and publish a frame the caller asked for; errors propagate to the caller."""
-        await self._transport().publish(subject, self.codec.encode(frame), reply=reply)
+    # ``publish`` and ``publish_data`` return the transport's coroutine for the caller to
+    # await (``await wire.publish(...)``): a frame sent passes through no coroutine of ours.
+    # A failure to encode, or no transport, raises at the call, where the caller awaits.
 
-    async def publish_data(self, subject: str, data: bytes, *, reply: str | None = None) -> None:
+    def publish(self, subject: str, frame: Any, *, reply: str | None = None) -> Awaitable[None]:
+        """Encode and publish a frame the caller asked for; errors propagate to the caller."""
+        return self._transport().publish(subject, self.codec.encode(frame), reply=reply)
+
+    def publish_data(
+        self, subject: str, data: bytes, *, reply: str | None = None
+    ) -> Awaitable[None]:
         """Publish encoded bytes; errors propagate to the caller."""
         transport = self.transport
         if transport is None:
             transport = self._transport()  # (raises)
-        await transport.publish(subject, data, reply=reply)
+        return transport.publish(subject, data, reply=reply)
 
     def reply(self, subject: str, frame: Any) -> Awaitable[bool]:
         """Publish a reply frame (``await wire.reply(...)``); never raises. True once it was
