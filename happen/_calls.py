@@ -1003,7 +1003,8 @@ class Caller:
         subject = wire.broadcast_subject(event_type)
         context = new_context(self._ids, sender, trace)
         if stream is None:
-            self.check_running()
+            if runtime.state != "running":
+                self.check_running()  # (raises)
             frame = p.Broadcast(event_type, payload, context)
             durable = self.durable
             if durable is not None and durable.any_durable:  # stored for durable nodes first

@@ -560,7 +560,7 @@ class Mailbox(Generic[Item]):
             self._ready.append(self._due.popleft())
         elif self.queued > self.keys.waiting:
             self._ready.append(self._take())
-            if self.queued < self._pressure_at:
+            if self._relief is not None and self.queued < self._pressure_at:
                 self._wake_waiters()
         else:
             self.active -= 1

@@ -1109,6 +1109,12 @@ class Node:
     # ----- execution ----------------------------------------------------------------
 
     async def _execute(self, work: Work, scope: anyio.CancelScope) -> None:
+        """Run an admitted event in the worker whose scope is ``scope``: its handler, its
+        reply (or stream), and its outcome, counted once.
+
+        One coroutine for the whole run (the handler's run is written out here, where a
+        coroutine of its own cost every event one more): the inner ``try`` is the run's
+        outcome, the outer one the guard against a bug of ours and the cleanup."""
         work.taken = True
         work.pending = False
         if work.abandoned:  # the caller gave up while it waited in the queue
@@ -1120,7 +1126,78 @@ class Node:
         work.scope = scope
         token = current_event.set(work.event)
         try:
-            await self._run_handler(work)
+            runtime = self._runtime
+            mailbox = self._mailbox
+            handler = work.handler
+            event = work.event
+            limiter = runtime.limiter
+            assert limiter is not None
+            chain = self._middleware.chain
+            context: dict[str, Any] = {}
+            direct = False
+            result: Any = None
+            try:
+                if chain:
+                    work.made = []
+                    execution = run_chain(chain, self.id, handler, event, limiter, work.made)
+                elif handler.kind == ASYNC:  # (``invoke``'s first step, written out)
+                    direct = True
+                    execution = handler.fn(event, context)
+                else:
+                    execution = invoke(handler.fn, handler.kind, event, context, limiter)
+                if work.deadline is None:
+                    result = await execution
+                    if direct and callable(result):  # the continuum goes on
+                        result = await invoke(result, classify(result), event, context, limiter)
+                    if self._first_item_ahead and isinstance(result, AsyncGeneratorType):
+                        result = await first_item_ahead(result)  # a failure before it may retry
+                else:
+                    with anyio.move_on_after(work.deadline - anyio.current_time()) as bound:
+                        result = await execution
+                        if direct and callable(result):
+                            result = await invoke(result, classify(result), event, context, limiter)
+                        if isinstance(result, AsyncGeneratorType):
+                            # the deadline bounds it until its first item
+                            result = await first_item_ahead(result)
+                    if bound.cancelled_caught:
+                        mailbox.failed += 1
+                        if isinstance(result, AsyncGeneratorType):
+                            with anyio.CancelScope(shield=True):
+                                await aclose_quietly(result)
+                        await self._reply(work, self._timed_out(work))
+                        return
+            except runtime.cancelled:
+                if work.delivery is not None and not work.abandoned:
+                    # The instance stops: the event goes back to the log, for a twin (or this
+                    # node, once back) to run; its caller keeps waiting for that result.
+                    with anyio.CancelScope(shield=True):
+                        await self._hand_back(work)
+                    raise
+                mailbox.failed += 1
+                with anyio.CancelScope(shield=True):
+                    await self._reply(
+                        work, p.abandoned(self.id) if work.abandoned else p.stopped(self.id)
+                    )
+                raise
+            except Exception as exc:
+                await self._act(work, exc, self._decide(work, exc))
+                return
+            if isinstance(result, AsyncGeneratorType):
+                await produce(
+                    work,
+                    result,
+                    node_id=self.id,
+                    wire=self._wire,
+                    runtime=runtime,
+                    mailbox=mailbox,
+                    idle_timeout=self._idle_timeout,
+                    liveness_timeout=self._liveness_timeout,
+                )
+                return
+            if work.reply and not await self._wire.reply(work.reply, p.Result(result)):
+                mailbox.failed += 1
+                return
+            mailbox.completed += 1
         except Exception as exc:  # a bug of ours: never let it reach the task group
             log.exception("node %r failed to run an event of type %r", self.id, work.event.type)
             self._mailbox.failed += 1
@@ -1138,83 +1215,9 @@ class Node:
                     await self._settle_delivery(work)
             current_event.reset(token)
             bstream = work.event.stream
-            if isinstance(bstream, BroadcastStream):
+            if bstream is not None and isinstance(bstream, BroadcastStream):
                 self._drop_bstream(bstream.stream_id)
                 bstream.close()
-
-    async def _run_handler(self, work: Work) -> None:
-        runtime = self._runtime
-        mailbox = self._mailbox
-        handler = work.handler
-        event = work.event
-        limiter = runtime.limiter
-        assert limiter is not None
-        chain = self._middleware.chain
-        context: dict[str, Any] = {}
-        direct = False
-        result: Any = None
-        try:
-            if chain:
-                work.made = []
-                execution = run_chain(chain, self.id, handler, event, limiter, work.made)
-            elif handler.kind == ASYNC:  # (``invoke``'s first step, written out)
-                direct = True
-                execution = handler.fn(event, context)
-            else:
-                execution = invoke(handler.fn, handler.kind, event, context, limiter)
-            if work.deadline is None:
-                result = await execution
-                if direct and callable(result):  # the continuum goes on
-                    result = await invoke(result, classify(result), event, context, limiter)
-                if self._first_item_ahead and isinstance(result, AsyncGeneratorType):
-                    result = await first_item_ahead(result)  # a failure before it may retry
-            else:
-                with anyio.move_on_after(work.deadline - anyio.current_time()) as scope:
-                    result = await execution
-                    if direct and callable(result):
-                        result = await invoke(result, classify(result), event, context, limiter)
-                    if isinstance(result, AsyncGeneratorType):
-                        # the deadline bounds it until its first item
-                        result = await first_item_ahead(result)
-                if scope.cancelled_caught:
-                    mailbox.failed += 1
-                    if isinstance(result, AsyncGeneratorType):
-                        with anyio.CancelScope(shield=True):
-                            await aclose_quietly(result)
-                    await self._reply(work, self._timed_out(work))
-                    return
-        except runtime.cancelled:
-            if work.delivery is not None and not work.abandoned:
-                # The instance stops: the event goes back to the log, for a twin (or this
-                # node, once back) to run; its caller keeps waiting for that result.
-                with anyio.CancelScope(shield=True):
-                    await self._hand_back(work)
-                raise
-            mailbox.failed += 1
-            with anyio.CancelScope(shield=True):
-                await self._reply(
-                    work, p.abandoned(self.id) if work.abandoned else p.stopped(self.id)
-                )
-            raise
-        except Exception as exc:
-            await self._act(work, exc, self._decide(work, exc))
-            return
-        if isinstance(result, AsyncGeneratorType):
-            await produce(
-                work,
-                result,
-                node_id=self.id,
-                wire=self._wire,
-                runtime=runtime,
-                mailbox=mailbox,
-                idle_timeout=self._idle_timeout,
-                liveness_timeout=self._liveness_timeout,
-            )
-            return
-        if work.reply and not await self._wire.reply(work.reply, p.Result(result)):
-            mailbox.failed += 1
-            return
-        mailbox.completed += 1
 
     async def _reply(self, work: Work, frame: Any) -> None:
         if work.reply:

@@ -419,7 +419,10 @@ class Wire:
 
     def publish(self, subject: str, frame: Any, *, reply: str | None = None) -> Awaitable[None]:
         """Encode and publish a frame the caller asked for; errors propagate to the caller."""
-        return self._transport().publish(subject, self.codec.encode(frame), reply=reply)
+        transport = self.transport
+        if transport is None:
+            transport = self._transport()  # (raises)
+        return transport.publish(subject, self.codec.encode(frame), reply=reply)
 
     def publish_data(
         self, subject: str, data: bytes, *, reply: str | None = None
