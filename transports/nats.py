@@ -403,10 +403,12 @@ class NatsTransport:
             self._report_closed(None)
 
     def new_inbox(self) -> str:
-        """A unique subject to receive replies on (works before ``start()`` too)."""
-        if self._nc is not None:
-            return self._nc.new_inbox()
-        return f"{self._inbox_prefix}.{secrets.token_hex(11)}"
+        """A unique subject to receive replies on (works before ``start()`` too):
+        ``<inbox_prefix>.<unique>``, the unique part 72 random bits in 12 characters.
+
+        Shorter than nats-py's (22): every reply subject starts with it, and nats-py reads
+        each one with regular expressions as it publishes and receives it."""
+        return f"{self._inbox_prefix}.{secrets.token_urlsafe(9)}"
 
     def _client(self) -> Client:
         nc = self._nc
