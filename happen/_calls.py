@@ -149,6 +149,7 @@ class Call:
         "probe",
         "received",
         "reserved",
+        "secret",
         "target",
         "token",
         "waiting",
@@ -164,7 +165,10 @@ class Call:
     def __init__(self, caller: Caller, target: str) -> None:
         self.caller = caller
         self.target = target
-        self.token = caller.wire.new_token()  # registered when the request is published
+        wire = caller.wire
+        self.token = wire.new_token()  # registered when the request is published
+        #: Proves this system owns the call when it cancels or abandons it.
+        self.secret = wire.new_secret()
         self.control: str | None = None
         self.held = False
         self.gate: Any = None  # the RemoteGate this call holds, after a "hold"
@@ -182,11 +186,6 @@ class Call:
         self.durable = False
         self._frames: deque[Any] | None = None  # made when the first frame comes
         self._wake: Signal | None = None
-
-    @property
-    def secret(self) -> str:
-        """Proves this system owns the call when it cancels or abandons it."""
-        return self.caller.wire.secret_of(self.token)
 
     # called by the system's inbox callback (never blocks)
     def feed(self, frame: Any) -> None:
@@ -720,7 +719,7 @@ class Caller:
             self.window,
             timeout_ms,
             self._system_id,
-            seal=self.wire.seal_for(call.token),
+            seal=p.seal_of(call.secret),
             key=key,
         )
         return frame, self.wire.codec.encode(frame)

@@ -273,10 +273,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
 
+#: An empty BLAKE2b of the seal's size: a seal is made on a copy of it (cheaper than making
+#: the hash anew, which parses its parameters on every call).
+_SEAL_HASH = hashlib.blake2b(digest_size=SEAL_BYTES)
+
+
 def seal_of(secret: str) -> str:
     """The public digest of ``secret`` a request carries (hex BLAKE2b, ``SEAL_BYTES`` long)."""
-    data = secret.encode("utf-8", "replace")  # a peer's string may hold lone surrogates
-    return hashlib.blake2b(data, digest_size=SEAL_BYTES).hexdigest()
+    digest = _SEAL_HASH.copy()
+    digest.update(secret.encode("utf-8", "replace"))  # a peer's string may hold lone surrogates
+    return digest.hexdigest()
 
 
 def seal_matches(seal: str, secret: str) -> bool:
@@ -354,9 +360,9 @@ class Wire:
         self.owners_decoder = codec.decoder(Owners)
         self.broadcast_decoder: Decoder[Any] = codec.decoder(BroadcastFrame)  # type: ignore[arg-type]
         self._inbox_decoder: Decoder[Any] = codec.decoder(InboxFrame)  # type: ignore[arg-type]
-        self._secret_hash = hashlib.blake2b(key=os.urandom(16), digest_size=SECRET_BYTES)
         self._tokens: list[str] = []  # drawn from the random source, not handed out yet
-        self._drawn_at = _forks
+        self._secrets: list[str] = []  # the same, for call secrets
+        self._drawn_at = _forks  # (of both lists)
         self.rename(namespace)
 
     def rename(self, namespace: str) -> None:
@@ -491,27 +497,25 @@ class Wire:
             tokens = self._draw_tokens()
         return tokens.pop()
 
+    def new_secret(self) -> str:
+        """A new call secret: 128 random bits (32 hex digits), which only its caller knows
+        (its request carries ``seal_of`` it; the caller keeps it with the call)."""
+        secrets = self._secrets
+        if not secrets or self._drawn_at != _forks:
+            self._draw_tokens()
+            secrets = self._secrets
+        return secrets.pop()
+
     def _draw_tokens(self) -> list[str]:
-        # One read of the random source for a batch of tokens (a read per token cost a
-        # system call per request); each token is still its own 80 random bits.
-        self._tokens = os.urandom(TOKEN_BYTES * TOKEN_BATCH).hex(" ", TOKEN_BYTES).split()
+        # One read of the random source for a batch of tokens and secrets (a read per
+        # token cost a system call per request); each is still its own random bits. A
+        # forked child draws both lists anew.
+        drawn = os.urandom((TOKEN_BYTES + SECRET_BYTES) * TOKEN_BATCH)
+        cut = TOKEN_BYTES * TOKEN_BATCH
+        self._tokens = drawn[:cut].hex(" ", TOKEN_BYTES).split()
+        self._secrets = drawn[cut:].hex(" ", SECRET_BYTES).split()
         self._drawn_at = _forks
         return self._tokens
-
-    def secret_of(self, token: str) -> str:
-        """The secret of the call whose inbox token is ``token``: a keyed BLAKE2b of the
-        token under this system's random 128-bit key, so it is kept nowhere and cannot be
-        told from the token (only its seal travels before the caller gives up)."""
-        keyed = self._secret_hash.copy()
-        keyed.update(token.encode())
-        return keyed.hexdigest()
-
-    def seal_for(self, token: str) -> str:
-        """``seal_of(secret_of(token))``: the seal a request with inbox token ``token``
-        carries, in one step."""
-        keyed = self._secret_hash.copy()
-        keyed.update(token.encode())
-        return hashlib.blake2b(keyed.hexdigest().encode(), digest_size=SEAL_BYTES).hexdigest()
 
     def register(self, route: Route, token: str = "") -> str:
         """Route the frames of a new conversation to ``route`` (under ``token``, or a new

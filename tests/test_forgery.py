@@ -73,23 +73,26 @@ async def test_a_seen_reply_subject_does_not_lead_to_another_callers_result(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_process_never_reuses_its_parents_reply_tokens() -> None:
-    # Tokens are drawn from the random source a batch at a time: a child forked with part of
-    # a batch left must draw its own, not hand out the ones its parent will hand out too.
+@pytest.mark.parametrize("draw", ["new_token", "new_secret"])
+def test_a_forked_process_never_reuses_its_parents_reply_tokens(draw: str) -> None:
+    # Tokens and call secrets are drawn from the random source a batch at a time: a child
+    # forked with part of a batch left must draw its own, not hand out the ones its parent
+    # will hand out too.
     wire = Wire(make_codec("msgpack", 64), "forked")
-    wire.new_token()  # a batch drawn, most of it left
+    new = getattr(wire, draw)
+    new()  # a batch drawn, most of it left
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report its next tokens, then leave at once
         try:
-            os.write(write, " ".join(wire.new_token() for _ in range(8)).encode())
+            os.write(write, " ".join(new() for _ in range(8)).encode())
         finally:
             os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
         child = set(pipe.read().split())
     os.waitpid(pid, 0)
-    parent = {wire.new_token() for _ in range(8)}
+    parent = {new() for _ in range(8)}
     assert len(child) == 8
     assert len(parent) == 8
     assert not child & parent
