@@ -296,8 +296,16 @@ class Mailbox(Generic[Item]):
         return max(0, self._max - self.active) + max(0, self._limit - self.queued)
 
     def free_slots(self) -> int:
-        """Slots no item holds or is queued for: what a durable intake may fetch now."""
-        return self._max - self.active - self.queued
+        """Slots no item holds or is queued for: what a durable intake may fetch now.
+
+        Keyed items waiting for their key hold no slot and are not counted (so a hot key's
+        backlog does not hold back other keys' events), but they take queue places: the
+        answer is never more than the queue has room for while some wait."""
+        waiting = self.keys.waiting
+        free = self._max - self.active - self.queued + waiting
+        if waiting:
+            free = min(free, self._limit - self.queued)
+        return free
 
     async def wait_free_slot(self) -> None:
         """Wait until a slot is released (check ``free_slots`` again after)."""

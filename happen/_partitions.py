@@ -44,19 +44,19 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
 
 from happen import _wire as p
 from happen._errors import HappenError, NodeNotFoundError
-from happen._keys import PARTITIONS, partition_of
+from happen._keys import PARTITIONS, keys_bucket, partition_of
 from happen._mailbox import Mailbox
 from happen._runtime import Runtime
 from happen._transport import Entry, KeyValue, RevisionMismatch, durable_transport
 
-__all__ = ["KeyRouter", "Ownership", "rebalance"]
+__all__ = ["KeyRouter", "Ownership", "durable_takeover_delay", "rebalance"]
 
 log = logging.getLogger("happen")
 
@@ -75,6 +75,17 @@ MAX_ROUTED = 16
 ATTEMPTS = 16
 #: Held requests wait at most this many leases for their partition to get a live owner.
 HOLD_LEASES = 3
+#: Seconds a durable node's partition taken from a dead owner waits, beyond ``ack_wait``
+#: and a renewal period, before it opens (the log's redelivery timer may fire a little late).
+TAKEOVER_MARGIN = 0.5
+
+
+def durable_takeover_delay(ack_wait: float, lease: float) -> float:
+    """How long after a dead owner's last heartbeat (as seen) a durable node's partition
+    opens on the instance that takes it over: the owner kept its events from redelivery
+    until it died, at most a renewal period after that heartbeat, and they come back
+    ``ack_wait`` later. Opened then, the partition's fetches get them first."""
+    return ack_wait + lease / BEATS + TAKEOVER_MARGIN
 
 
 class Ownership(msgspec.Struct, kw_only=True):
@@ -199,6 +210,15 @@ class Relay:
             self.router.bounced(self)
 
 
+class PartitionIntake(Protocol):
+    """A durable node's intake (``happen._durable.Intake``): it fetches the keyed events of
+    the partitions ``may_fetch`` allows, and is told when they change."""
+
+    def fetching(self, partition: int) -> bool: ...
+
+    def partitions_changed(self) -> None: ...
+
+
 #: What a keyed request should do: "" admit it here, None hold it, else pass it on to the
 #: instance named.
 Where = str | None
@@ -240,6 +260,8 @@ class KeyRouter:
         #: the instance that takes them over (durable nodes: their redeliveries come first).
         self.takeover_delay = takeover_delay
         self.started = False
+        self._intake: PartitionIntake | None = None  # a durable node's intake, fetching partitions
+        self._unfetched: set[int] = set()  # closing partitions a fetch may still be bringing
         self._kv: KeyValue | None = None
         self._view: Ownership | None = None
         self._roles = [Role.ELSEWHERE] * PARTITIONS
@@ -411,6 +433,41 @@ class KeyRouter:
         else:
             self.join()
 
+    # ----- durable nodes: the partitions an intake fetches --------------------------------
+
+    def attach(self, intake: PartitionIntake) -> None:
+        """A durable node's ``intake`` fetches the keyed events of the partitions this
+        instance owns and has opened (``may_fetch``); it is told when they change."""
+        self._intake = intake
+
+    def may_fetch(self, partition: int) -> bool:
+        """Whether this instance may fetch the keyed events of ``partition`` now: it owns
+        the partition, is not handing it over, and has opened it (its lease is current and
+        a dead owner's events have had time to be delivered again)."""
+        return (
+            self.started
+            and self._roles[partition] is Role.OWN
+            and not self._gated[partition]
+            and self._runtime.accepting
+        )
+
+    def fetch_stopped(self, partition: int) -> None:
+        """No fetch of ``partition`` is in flight any more: if it is being handed over, it
+        goes once its last event here has ended."""
+        if partition in self._unfetched:
+            self._unfetched.discard(partition)
+            if self._roles[partition] is Role.CLOSING:
+                self._mailbox.keys.watch(partition, self._idle)
+
+    async def join_if_keyed(self, keyed: Callable[[], Awaitable[bool]]) -> None:
+        """Join if ``keyed()`` says keyed events were stored for this (durable) node. Never
+        raises (a failure is logged: the node joins when it hears of keys)."""
+        try:
+            if await keyed():
+                self.join()
+        except HappenError as exc:
+            log.warning("node %r could not tell whether it has keyed events: %s", self.node_id, exc)
+
     def _start(self) -> None:
         self.started = True
         self._lock = anyio.Lock()
@@ -432,6 +489,8 @@ class KeyRouter:
         self._solo = True
         self._roles = [Role.OWN] * PARTITIONS
         self._where = [""] * PARTITIONS
+        if self._intake is not None:
+            self._intake.partitions_changed()
 
     # ----- the keeper -------------------------------------------------------------------
 
@@ -472,7 +531,7 @@ class KeyRouter:
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             transport = durable_transport(self._wire.transport)  # type: ignore[arg-type]
-            self._kv = await transport.key_value(f"happen_{self._wire.namespace}_keys")
+            self._kv = await transport.key_value(keys_bucket(self._wire.namespace))
         return self._kv
 
     async def _sync(self, *, beat: bool) -> None:
@@ -565,7 +624,7 @@ class KeyRouter:
         if self._view is None:
             why = (
                 f"node {self.node_id!r} cannot order keys across its instances: the key-value "
-                f"bucket happen_{self._wire.namespace}_keys failed: {_describe(exc)}"
+                f"bucket {keys_bucket(self._wire.namespace)} failed: {_describe(exc)}"
             )
             log.error("%s", why)
             self._failure = (anyio.current_time() + 1.0, why)
@@ -594,7 +653,11 @@ class KeyRouter:
             if owner == me and not coming:
                 role = Role.OWN
                 self._where[q] = ""
-                if was is Role.ELSEWHERE and before is not None and self.takeover_delay > 0:
+                if (
+                    was in (Role.ELSEWHERE, Role.INCOMING)
+                    and before is not None
+                    and self.takeover_delay > 0
+                ):
                     previous = before.owners[q]
                     if previous and previous != me and previous not in table.members:
                         seen = self._seen_at(previous, now)
@@ -616,8 +679,12 @@ class KeyRouter:
             if was is Role.CLOSING and role is not Role.CLOSING:
                 mailbox.keys.unwatch(q)
                 self._completed.discard(q)
+                self._unfetched.discard(q)
             elif role is Role.CLOSING and was is not Role.CLOSING:
-                mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
+                if self._intake is not None and self._intake.fetching(q):
+                    self._unfetched.add(q)  # watched once the fetch in flight has ended
+                else:
+                    mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
         self._gate_all()
 
     def _seen_at(self, member: str, now: float) -> float:
@@ -638,6 +705,8 @@ class KeyRouter:
             role = self._roles[q]
             closed = q in self._opens_at or (self._fenced and role in (Role.OWN, Role.CLOSING))
             self._gate(q, closed, stranded=role is Role.ELSEWHERE)
+        if self._intake is not None:
+            self._intake.partitions_changed()
 
     def _gate(self, q: int, closed: bool, *, stranded: bool = False) -> None:
         mailbox = self._mailbox

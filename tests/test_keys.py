@@ -426,6 +426,32 @@ async def test_a_durable_nodes_keyed_events_run_one_at_a_time_in_order(
     assert recorder.order("k0")[-1] == "last"
 
 
+async def test_a_hot_keys_backlog_does_not_hold_back_a_durable_nodes_other_keys(
+    transport_url: str,
+) -> None:
+    """A durable node with 2 slots: while one hot key's event runs (held open) and 20 more
+    of it wait, the node still fetches and runs another key's event; the hot key's events
+    then run in order."""
+    recorder = Recorder()
+    config = {"patterns": {"ledger": {"durable": True, "ack_wait": 5.0}}}
+    concurrency = {"patterns": {"ledger": {"max_concurrent": 2, "queue_limit": 50}}}
+    async with make_system(transport_url, delivery=config, concurrency=concurrency) as system:
+        ledger = system.create_node("ledger")
+        ledger.on("op", recorder.handler())
+        client = system.create_node("client")
+        await client.enqueue("ledger", {"type": "op", "payload": {"n": 0, "hold": True}}, key="hot")
+        for n in range(1, 21):
+            await client.enqueue("ledger", {"type": "op", "payload": {"n": n}}, key="hot")
+        await eventually(lambda: ledger.stats().keyed_waiting == 20, WAIT)
+        with anyio.fail_after(WAIT):
+            assert (await send(client, "cold", "cold"))["payload"] == "cold"
+        assert ledger.stats().active == 1  # the hot key's first event, still held open
+        recorder.gate.set()
+        await eventually(lambda: ledger.stats().completed == 22, WAIT)
+    assert [p["n"] for p in recorder.order("hot")] == list(range(21))
+    assert recorder.overlaps == []
+
+
 class Item:
     def __init__(self, name: str, key: str | None) -> None:
         self.name = name
@@ -488,9 +514,21 @@ def test_partitions_are_the_same_in_every_process() -> None:
 # ----- across instances -------------------------------------------------------------------
 
 
-def hosts(make_transport: Callable[[], Transport], ns: str, n: int) -> list[happen.System]:
+#: Node ``ledger`` durable: its events are stored, and each key partition's events are
+#: fetched by the instance that owns it.
+DURABLE = {"patterns": {"ledger": {"durable": True, "ack_wait": 2.0}}}
+
+
+def hosts(
+    make_transport: Callable[[], Transport], ns: str, n: int, *, durable: bool = False
+) -> list[happen.System]:
     return [
-        happen.System(transport=make_transport(), namespace=ns, liveness_timeout=2.0)
+        happen.System(
+            transport=make_transport(),
+            namespace=ns,
+            liveness_timeout=2.0,
+            delivery=DURABLE if durable else None,
+        )
         for _ in range(n)
     ]
 
@@ -536,22 +574,26 @@ def no_overlap_and_in_order(recorder: Recorder, keys: int, rounds: int) -> None:
             assert start >= end, f"k{key}: two events ran at once"
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 @pytest.mark.parametrize("instances", [2, 3])
 async def test_keys_are_ordered_across_instances(
-    make_transport: Callable[[], Transport], instances: int
+    make_transport: Callable[[], Transport], instances: int, durable: bool
 ) -> None:
-    """1,000 events over 50 keys from 3 senders to a node hosted 2 or 3 times: no key runs
-    twice at once, each key runs in the order its events were accepted, every instance
-    runs some keys, and every event is counted once."""
+    """1,000 events over 50 keys from 3 senders to a node hosted 2 or 3 times (durable or
+    not): no key runs twice at once, each key runs in the order its events were accepted
+    (stored, for a durable node), every instance runs some keys, and every event is
+    counted once."""
     ns = unique_namespace()
     recorder = Recorder()
-    systems = hosts(make_transport, ns, instances)
+    systems = hosts(make_transport, ns, instances, durable=durable)
     nodes = []
     for index, system in enumerate(systems):
         node = system.create_node("ledger")
         node.on("op", recorder.handler(f"i{index}", jitter=0.002))
         nodes.append(node)
-    client_system = happen.System(transport=make_transport(), namespace=ns)
+    client_system = happen.System(
+        transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
+    )
     senders = [client_system.create_node(f"sender-{n}") for n in range(3)]
     async with _all(*systems, client_system):
         for node in nodes:
@@ -570,18 +612,23 @@ async def test_keys_are_ordered_across_instances(
     assert arrived == 1000 + sum(s.forwarded for s in stats)
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 async def test_an_instance_stopped_cleanly_hands_its_keys_over_in_order(
-    make_transport: Callable[[], Transport],
+    make_transport: Callable[[], Transport], durable: bool
 ) -> None:
+    """One of three instances stops cleanly halfway through the rounds: the events it had
+    accepted end there, its keys go on elsewhere with no overlap and no reorder."""
     ns = unique_namespace()
     recorder = Recorder()
-    systems = hosts(make_transport, ns, 3)
+    systems = hosts(make_transport, ns, 3, durable=durable)
     nodes = []
     for index, system in enumerate(systems):
         node = system.create_node("ledger")
         node.on("op", recorder.handler(f"i{index}", jitter=0.004))
         nodes.append(node)
-    client_system = happen.System(transport=make_transport(), namespace=ns)
+    client_system = happen.System(
+        transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
+    )
     senders = [client_system.create_node(f"sender-{n}") for n in range(3)]
     leave = anyio.Event()
 
