@@ -811,3 +811,77 @@ async def test_the_documented_key_grants_are_enough(tmp_path: Any) -> None:
             assert await client.send("ledger", {"type": "op"}) == "ran"
             with pytest.raises(happen.TransportError, match=f"happen_{ns}_keys"):
                 await client.send("ledger", {"type": "op"}, key="a", timeout=WAIT)
+
+
+def durable_key_grants(ns: str, node: str) -> str:
+    """A nats-server user ``host`` with what docs/permissions.md and docs/keys-and-state.md
+    list for running, and sending keyed events to, the durable node ``node`` (and ``NS.>`` /
+    any inbox for the rest)."""
+    log_name = f"happen_{ns}_node_{node}"
+    broadcasts = f"happen_{ns}_broadcasts"
+    bucket = f"KV_happen_{ns}_keys"
+    publish = [f"{ns}.>", "_INBOX.>"]
+    for stream, consumer in ((log_name, node), (log_name, "*"), (broadcasts, node)):
+        publish += [
+            f"$HAPPEN.log.{stream}.>",
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+            f"$JS.ACK.{stream}.{consumer}.>",
+        ]
+    publish += [
+        f"$JS.API.STREAM.INFO.{bucket}",
+        f"$JS.API.STREAM.CREATE.{bucket}",
+        f"$JS.API.STREAM.MSG.GET.{bucket}",
+        f"$KV.happen_{ns}_keys.{node}",
+        f"$KV.happen_{ns}_keys.keyed=2E{node}",  # (the key "keyed.<node>", escaped)
+    ]
+    allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys(publish))
+    return (
+        "authorization {\n  users = [\n"
+        '    { user: "host", password: "secret", permissions: {\n'
+        f"        publish: {{ allow: [{allow}] }}\n"
+        f'        subscribe: {{ allow: ["{ns}.>", "_INBOX.>"] }}\n'
+        "    } }\n  ]\n}\n"
+    )
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_documented_durable_key_grants_are_enough(tmp_path: Any) -> None:
+    from happen.transports.nats import NatsTransport
+    from tests.conftest import NatsServer
+
+    ns = unique_namespace()
+    config = tmp_path / "auth.conf"
+    config.write_text(durable_key_grants(ns, "ledger"))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+
+        def as_host() -> happen.System:
+            transport = NatsTransport(
+                server.url, user="host", password="secret", jetstream_timeout=1.0
+            )
+            return happen.System(
+                transport=transport, namespace=ns, liveness_timeout=2.0, delivery=DURABLE
+            )
+
+        recorder = Recorder()
+        hosts = [as_host(), as_host()]
+        nodes = []
+        for index, system in enumerate(hosts):
+            node = system.create_node("ledger")
+            node.on("op", recorder.handler(f"i{index}"))
+            nodes.append(node)
+        client_system = as_host()
+        senders = [client_system.create_node("sender")]
+        async with _all(*hosts, client_system):
+            for node in nodes:
+                await subscriptions_live(node)
+            assert await rounds(senders, nodes, rounds=4, keys=40) == []
+        no_overlap_and_in_order(recorder, keys=40, rounds=4)
+        ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
+        assert ran_on == {"i0", "i1"}
