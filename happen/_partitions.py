@@ -266,6 +266,7 @@ class KeyRouter:
         self._view: Ownership | None = None
         self._roles = [Role.ELSEWHERE] * PARTITIONS
         self._where: list[Where] = [None] * PARTITIONS
+        self._all_here = False  # every partition's requests are admitted here
         self._gated = [False] * PARTITIONS  # closed in the mailbox by this router
         self._opens_at: dict[int, float] = {}  # taken-over partitions opening later
         self._seen: dict[str, tuple[int, float]] = {}  # member -> (heartbeat, when it changed)
@@ -290,6 +291,8 @@ class KeyRouter:
     def route(self, request: p.Request) -> Where:
         """Where the keyed ``request`` goes: ``""`` admit it here, an instance id to pass it
         on, ``None`` to hold it (``hold``)."""
+        if self._all_here and not self._held and self._runtime.accepting:
+            return ""  # (every partition is this instance's: the common case of one host)
         if not self.started:
             self._start()
         partition = partition_of(request.key)  # (a keyed request)
@@ -489,6 +492,7 @@ class KeyRouter:
         self._solo = True
         self._roles = [Role.OWN] * PARTITIONS
         self._where = [""] * PARTITIONS
+        self._all_here = True
         if self._intake is not None:
             self._intake.partitions_changed()
 
@@ -685,6 +689,7 @@ class KeyRouter:
                     self._unfetched.add(q)  # watched once the fetch in flight has ended
                 else:
                     mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
+        self._all_here = all(where == "" for where in self._where)
         self._gate_all()
 
     def _seen_at(self, member: str, now: float) -> float:
