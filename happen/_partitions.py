@@ -75,6 +75,9 @@ MAX_ROUTED = 16
 ATTEMPTS = 16
 #: Held requests wait at most this many leases for their partition to get a live owner.
 HOLD_LEASES = 3
+#: Instances that left cleanly, remembered in the record (their partitions open at once on
+#: the instances that take them: nothing of theirs waits to be delivered again).
+DEPARTED = 16
 #: Seconds a durable node's partition taken from a dead owner waits, beyond ``ack_wait``
 #: and a renewal period, before it opens (the log's redelivery timer may fire a little late).
 TAKEOVER_MARGIN = 0.5
@@ -97,6 +100,7 @@ class Ownership(msgspec.Struct, kw_only=True):
     leaving: list[str] = []
     owners: list[str]  # per partition: the owning instance, "" for none
     incoming: list[str]  # per partition: the instance it is being handed to, or ""
+    departed: list[str] = []  # the last instances that left cleanly (not found dead)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -120,7 +124,10 @@ def rebalance(
     leaving = [m for m in table.leaving if m in members]
     owners = list(table.owners)
     incoming = list(table.incoming)
+    departed = list(table.departed)
     if mode == "gone":
+        if me in members:
+            departed = [*departed[-(DEPARTED - 1) :], me]
         members.pop(me, None)
         leaving = [m for m in leaving if m != me]
         for q in range(table.partitions):
@@ -153,6 +160,7 @@ def rebalance(
         leaving=leaving,
         owners=owners,
         incoming=incoming,
+        departed=departed,
     )
 
 
@@ -663,7 +671,12 @@ class KeyRouter:
                     and self.takeover_delay > 0
                 ):
                     previous = before.owners[q]
-                    if previous and previous != me and previous not in table.members:
+                    if (
+                        previous
+                        and previous != me
+                        and previous not in table.members
+                        and previous not in table.departed  # (it handed its events back)
+                    ):
                         seen = self._seen_at(previous, now)
                         self._opens_at[q] = seen + self.takeover_delay
             elif owner == me:

@@ -27,6 +27,8 @@ import msgspec
 import pytest
 
 import happen
+from happen._keys import keys_bucket
+from happen._partitions import Ownership
 from happen.transports.nats import NatsTransport
 from tests.conftest import NatsServer
 from tests.helpers import eventually, unique_namespace
@@ -162,6 +164,25 @@ DURABLE_LEASE = 2.0  # the liveness_timeout of both processes of the durable tes
 ACK_WAIT = 3.0  # the durable ledger's ack_wait there (longer than the lease)
 
 
+async def partitions_settled(url: str, ns: str, instances: int) -> None:
+    """Wait until node ``ledger``'s key record has ``instances`` members and no partition
+    is being handed over (so a key's owner found now stays its owner)."""
+    transport = NatsTransport(url)
+    await transport.start()
+    try:
+        bucket = await transport.key_value(keys_bucket(ns))
+        with anyio.fail_after(WAIT):
+            while True:
+                entry = await bucket.get("ledger")
+                if entry is not None:
+                    table = msgspec.msgpack.decode(entry.value, type=Ownership)
+                    if len(table.members) == instances and not any(table.incoming):
+                        return
+                await anyio.sleep(0.05)  # (polling the server's record, bounded)
+    finally:
+        await transport.stop()
+
+
 async def find_key_of(client: happen.Node, pid: int) -> str:
     """A key whose partition the process ``pid`` owns (it answers the key's events)."""
     with anyio.fail_after(WAIT):
@@ -200,6 +221,8 @@ async def test_a_killed_owners_durable_events_run_again_first_on_a_survivor(
         observer.on("started", lambda event, context: hanging.set())
         client = system.create_node("client")
         worker_pid = process.pid
+        await client.enqueue("ledger", {"type": "op", "payload": {"n": 0}}, key="k0")
+        await partitions_settled(url, ns, 2)  # (both instances take part, nothing moving)
         key = await find_key_of(client, worker_pid)
         starts.clear()
         results: dict[int, Any] = {}
