@@ -931,11 +931,11 @@ class Caller:
 
     async def _keyed(self, target: str) -> None:
         """A keyed event is about to be stored for the durable node ``target``: the first
-        time, mark the node keyed and tell its running instances, so that they order its
-        keys across instances (happen._durable)."""
+        time, tell its running instances, so that they order its keys across instances
+        (happen._durable)."""
         durable = self.durable
         assert durable is not None
-        if await durable.mark_keyed(target):
+        if durable.first_keyed(target):
             wire = self.wire
             await wire.publish(wire.keys_subject(target), p.Owners(self._system_id))
 

@@ -27,7 +27,7 @@ import anyio
 import msgspec
 
 from happen._errors import QueueFullError, TransportError
-from happen._keys import PARTITIONS, keyed_marker, keys_bucket, partition_of
+from happen._keys import PARTITIONS, partition_of
 from happen._transport import (
     ConsumerSettings,
     Delivery,
@@ -71,8 +71,6 @@ FETCH_WAIT = 0.25
 #: they come back empty (FETCH_WAIT, doubled up to this), so that idle partitions cost few
 #: requests. A new event is delivered at once either way.
 PARTITION_FETCH_WAIT = 1.0
-#: Seconds between two counts of the keyed events waiting for an instance (``backlog``).
-KEYED_COUNT_EVERY = 5.0
 #: Longest an instance waits before fetching again after the transport failed a fetch.
 RETRY_WAIT = 1.0
 
@@ -145,7 +143,7 @@ class DurableLogs:
         self._durable: dict[str, bool] = {}
         self._logs: dict[str, DurableLog] = {}
         self._opening: dict[str, anyio.Lock] = {}
-        self._marked: set[str] = set()  # nodes marked keyed by this process
+        self._keyed: set[str] = set()  # nodes this process stored keyed events for
 
     def rename(self, namespace: str) -> None:
         """Use the logs of ``namespace`` (before the system starts)."""
@@ -228,23 +226,20 @@ class DurableLogs:
         broadcasts = await self.broadcast_log()
         await broadcasts.append(f"{BROADCASTS}.{event_type}", data, msg_id=msg_id)
 
-    async def mark_keyed(self, node_id: str) -> bool:
-        """Record (once per process) that keyed events are stored for ``node_id``, so that
-        its instances order them across instances even if none runs yet. True the first
-        time (the caller then tells the running instances too)."""
-        if node_id in self._marked:
+    def first_keyed(self, node_id: str) -> bool:
+        """True the first time this process stores a keyed event for ``node_id`` (the
+        caller then tells its running instances, so that they take part in its key
+        partitions; an instance that starts later finds the keyed events in the log)."""
+        if node_id in self._keyed:
             return False
-        transport = durable_transport(self._transport())
-        bucket = await transport.key_value(keys_bucket(self.namespace))
-        await bucket.put(keyed_marker(node_id), b"1")
-        self._marked.add(node_id)
+        if len(self._keyed) > 4096:
+            self._keyed.clear()
+        self._keyed.add(node_id)
         return True
 
-    async def keyed(self, node_id: str) -> bool:
-        """Whether keyed events were ever stored for ``node_id`` (``mark_keyed``)."""
-        transport = durable_transport(self._transport())
-        bucket = await transport.key_value(keys_bucket(self.namespace))
-        return await bucket.get(keyed_marker(node_id)) is not None
+    async def keyed_stored(self, node_id: str) -> int:
+        """How many keyed events ``node_id``'s log holds (of every partition)."""
+        return await (await self.node_log(node_id)).stored(f"{KEYED}.>")
 
     async def consumers(self, node_id: str) -> tuple[LogConsumer, LogConsumer]:
         """The consumers an instance of ``node_id`` reads: its unkeyed events, its
@@ -315,7 +310,8 @@ class Intake:
     ``admit(delivery, broadcast)`` hands each delivery to the node; ``held()`` gives the
     deliveries the instance holds (queued, running, or waiting for a retry), which are told
     ``in_progress`` every third of ``ack_wait``; ``backlog(n)`` is told how many events the
-    node's log holds for the consumers this instance reads.
+    node's log holds (its unkeyed events not yet settled, and its keyed events once this
+    instance reads key partitions).
     """
 
     def __init__(
@@ -342,8 +338,6 @@ class Intake:
         self._loops: list[_Loop] = []  # the unkeyed and broadcast loops
         self._keyed: dict[int, _Loop] = {}  # partition -> its loop
         self._keyed_consumers: dict[int, LogConsumer] = {}
-        self._keyed_backlog = 0
-        self._keyed_counted_at = -math.inf
         self._stopping = False
         self._running = 0  # fetch loops still running
         self._stopped: anyio.Event | None = None
@@ -488,7 +482,7 @@ class Intake:
 
     async def _keep_alive(self, events: LogConsumer) -> None:
         """Every third of ``ack_wait``: tell the log the held events are still being worked
-        on, and read how many the node's log holds for this instance."""
+        on, and read how many the node's log holds."""
         ack_wait = self._logs.settings(self.node_id).ack_wait
         period = ack_wait / 3 if math.isfinite(ack_wait) else 1.0
         loop = _Loop()
@@ -501,20 +495,10 @@ class Intake:
                     except TransportError as exc:
                         log.debug("in_progress for node %r failed: %s", self.node_id, exc)
                 try:
-                    self._backlog(await events.pending() + await self._count_keyed(period))
+                    backlog = await events.pending()
+                    if self._keyed:  # (the partitions' events: one request for all)
+                        backlog += await self._logs.keyed_stored(self.node_id)
+                    self._backlog(backlog)
                 except TransportError as exc:
                     log.debug("reading node %r's backlog failed: %s", self.node_id, exc)
                 await anyio.sleep(period)
-
-    async def _count_keyed(self, period: float) -> int:
-        """The keyed events waiting in the partitions this instance reads (counted again at
-        most every ``KEYED_COUNT_EVERY`` seconds: it asks each partition's consumer)."""
-        now = anyio.current_time()
-        if now - self._keyed_counted_at >= max(period, KEYED_COUNT_EVERY):
-            self._keyed_counted_at = now
-            total = 0
-            for partition, consumer in list(self._keyed_consumers.items()):
-                if partition in self._keyed:
-                    total += await consumer.pending()
-            self._keyed_backlog = total
-        return self._keyed_backlog

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["PARTITIONS", "KeyTable", "Keyed", "keyed_marker", "keys_bucket", "partition_of"]
+__all__ = ["PARTITIONS", "KeyTable", "Keyed", "keys_bucket", "partition_of"]
 
 #: Key partitions of every node (the unit of ownership across instances). Every instance and
 #: every version must agree on it: changing it moves keys between partitions.
@@ -32,12 +32,6 @@ PARTITIONS = 64
 def keys_bucket(namespace: str) -> str:
     """The key-value bucket of a namespace's key partitions (``happen._partitions``)."""
     return f"happen_{namespace}_keys"
-
-
-def keyed_marker(node_id: str) -> str:
-    """The entry of ``keys_bucket`` saying keyed events were stored for the durable node
-    ``node_id`` (a dot never occurs in a node id, so it is no node's partition record)."""
-    return f"keyed.{node_id}"
 
 
 # Keys repeat (an account's events): remember the recent ones.

@@ -646,7 +646,7 @@ class Node:
             await intake.start()
             self._intake = intake
             # Keyed events stored before: take part in the key partitions (else on news).
-            self._runtime.spawn(self._router.join_if_keyed, partial(durable.keyed, self.id))
+            self._runtime.spawn(self._router.join_if_keyed, partial(durable.keyed_stored, self.id))
 
     async def unsubscribe(self) -> None:
         """Stop hearing new events (the system is stopping). Never raises.

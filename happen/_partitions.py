@@ -470,8 +470,8 @@ class KeyRouter:
             if self._roles[partition] is Role.CLOSING:
                 self._mailbox.keys.watch(partition, self._idle)
 
-    async def join_if_keyed(self, keyed: Callable[[], Awaitable[bool]]) -> None:
-        """Join if ``keyed()`` says keyed events were stored for this (durable) node. Never
+    async def join_if_keyed(self, keyed: Callable[[], Awaitable[int]]) -> None:
+        """Join if ``keyed()`` counts keyed events stored for this (durable) node. Never
         raises (a failure is logged: the node joins when it hears of keys)."""
         try:
             if await keyed():

@@ -526,6 +526,25 @@ async def test_fetches_racing_appends_leave_nothing_behind(
             await delivery.ack()
 
 
+async def test_stored_counts_the_messages_under_a_filter(transport: DurableTransport) -> None:
+    log = await make_log(transport)
+    for i, subject in enumerate(["events", "keyed.0", "keyed.0", "keyed.63", "other.1"]):
+        await log.append(subject, b"x", msg_id=f"m{i}")
+    assert await log.stored("keyed.>") == 3
+    assert await log.stored("keyed.0") == 2
+    assert await log.stored("*") == 1
+    assert await log.stored(">") == 5
+    assert await log.stored("none.>") == 0
+    consumer = await make_consumer(log, subjects=("keyed.0",))
+    for delivery in await fetch_all(consumer, 2):
+        await delivery.ack()  # a work-queue log forgets what its consumer settled
+    with anyio.fail_after(WAIT):
+        while await log.stored("keyed.>") != 1:  # noqa: ASYNC110 (server state, bounded)
+            await anyio.sleep(0.02)
+    with pytest.raises(TransportError, match="invalid subject filter"):
+        await log.stored("a..b")
+
+
 async def test_a_consumer_can_be_reconfigured(transport: DurableTransport) -> None:
     log = await make_log(transport)
     await make_consumer(log, "worker", ack_wait=30.0)

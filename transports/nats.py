@@ -44,6 +44,7 @@ from happen._transport import (
     TransportListener,
     check_append,
     check_expect,
+    check_filter,
     check_name,
     check_subject,
     escape_key,
@@ -740,6 +741,18 @@ class NatsLog:
                 raise _jetstream_error(action, exc) from exc
             return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
         raise AssertionError("unreachable")
+
+    async def stored(self, subjects: str) -> int:
+        """Messages held under subjects matching ``subjects`` (see ``DurableLog.stored``):
+        the stream's per-subject counts, in one request."""
+        check_filter(subjects)
+        action = f"count the messages of durable log {self.name!r}"
+        js = self._transport.jetstream(action)
+        try:
+            info = await js.stream_info(self.name, subjects_filter=self.subject_prefix + subjects)
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(action, exc) from exc
+        return sum((info.state.subjects or {}).values())
 
     def consumer_config(self, name: str, settings: ConsumerSettings) -> api.ConsumerConfig:
         filters = [self.subject_prefix + subject for subject in settings.subjects]
