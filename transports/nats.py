@@ -811,6 +811,7 @@ class NatsConsumer:
         self._inbox = ""
         self._stale = False
         self._closed = False
+        self._idle = False  # the last fetch waited and got nothing
         self._lock = anyio.Lock()
 
     def mark_stale(self) -> None:
@@ -895,14 +896,18 @@ class NatsConsumer:
 
     async def _pull(self, n: int, deadline: float) -> list[Msg]:
         """What is there now (up to ``n``); if nothing, wait until ``deadline`` for one
-        message, then take what else is there (up to ``n`` in all)."""
-        messages = await self._request(n, None)
-        if messages:
-            return messages
+        message, then take what else is there (up to ``n`` in all). After a fetch that got
+        nothing, the first look is skipped (an idle consumer costs one request a fetch)."""
+        if not self._idle:
+            messages = await self._request(n, None)
+            if messages:
+                return messages
         wait = deadline - time.monotonic()
         if wait < 0.001:
+            self._idle = False  # (no wait: look at once next time)
             return []
         messages = await self._request(1, wait)
+        self._idle = not messages
         if messages and n > 1:
             messages += await self._request(n - 1, None)
         return messages
