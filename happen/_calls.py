@@ -674,7 +674,9 @@ class Caller:
             )
             data = self.wire.encode(frame)
             self.check_running()
-            receipt = await durable.append(target_id, data, msg_id=context.id)
+            if key is not None:
+                await self._keyed(target_id)
+            receipt = await durable.append(target_id, data, msg_id=context.id, key=key)
         except BaseException as exc:
             if watch is not None:
                 watch.ended(exc)
@@ -921,8 +923,14 @@ class Caller:
         wire = self.wire
         wire.register(call, call.token)
         try:
+            if frame.key is not None:
+                await self._keyed(call.target)
             receipt = await durable.append(
-                call.target, data, msg_id=frame.context.id, reply=wire.inbox_prefix + call.token
+                call.target,
+                data,
+                msg_id=frame.context.id,
+                reply=wire.inbox_prefix + call.token,
+                key=frame.key,
             )
             if receipt.duplicate:
                 raise DuplicateEventError(
@@ -938,6 +946,16 @@ class Caller:
             self.forget(call)
             raise
         return self._first_reply(call, frame.type, first)
+
+    async def _keyed(self, target: str) -> None:
+        """A keyed event is about to be stored for the durable node ``target``: the first
+        time, tell its running instances, so that they order its keys across instances
+        (happen._durable)."""
+        durable = self.durable
+        assert durable is not None
+        if durable.first_keyed(target):
+            wire = self.wire
+            await wire.publish(wire.keys_subject(target), p.Owners(self._system_id))
 
     def _first_reply(self, call: Call, event_type: str, first: Any) -> Any:
         target = call.target

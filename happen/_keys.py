@@ -22,11 +22,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["PARTITIONS", "KeyTable", "Keyed", "partition_of"]
+__all__ = ["PARTITIONS", "KeyTable", "Keyed", "keys_bucket", "partition_of"]
 
 #: Key partitions of every node (the unit of ownership across instances). Every instance and
 #: every version must agree on it: changing it moves keys between partitions.
 PARTITIONS = 64
+
+
+def keys_bucket(namespace: str) -> str:
+    """The key-value bucket of a namespace's key partitions (``happen._partitions``)."""
+    return f"happen_{namespace}_keys"
 
 
 # Keys repeat (an account's events): remember the recent ones.
@@ -119,17 +124,13 @@ class KeyTable:
         self._kept.add(id(item))
 
     def ran(self, key: str, item: Any) -> Entry | None:
-        """A run of ``item`` ended: it releases its key unless it keeps it (``keep``)."""
+        """A run of ``item`` ended: it releases its key unless it keeps it (``keep``); see
+        ``release`` for what is returned."""
         if self._kept:
             marked = id(item)
             if marked in self._kept:
                 self._kept.discard(marked)
                 return None
-        return self.release(key, item)
-
-    def release(self, key: str, item: Any) -> Entry | None:
-        """``item`` reached its final outcome: its key passes to the next waiting event, which
-        is returned (it now holds the key), or is free. Nothing if ``item`` does not hold it."""
         holders = self.holders
         if holders.get(key) is not item:
             return None
@@ -150,6 +151,13 @@ class KeyTable:
         if self._watched:
             self._ended(partition_of(key))
         return None
+
+    def release(self, key: str, item: Any) -> Entry | None:
+        """``item`` reached its final outcome (whether or not it kept its key): its key
+        passes to the next waiting event, which is returned (it now holds the key), or is
+        free. Nothing if ``item`` does not hold it."""
+        self._kept.discard(id(item))
+        return self.ran(key, item)
 
     def withdraw(self, key: str, item: Any) -> bool:
         """Take a waiting ``item`` out (its caller gave up): True if it was waiting."""

@@ -296,8 +296,16 @@ class Mailbox(Generic[Item]):
         return max(0, self._max - self.active) + max(0, self._limit - self.queued)
 
     def free_slots(self) -> int:
-        """Slots no item holds or is queued for: what a durable intake may fetch now."""
-        return self._max - self.active - self.queued
+        """Slots no item holds or is queued for: what a durable intake may fetch now.
+
+        Keyed items waiting for their key hold no slot and are not counted (so a hot key's
+        backlog does not hold back other keys' events), but they take queue places: the
+        answer is never more than the queue has room for while some wait."""
+        waiting = self.keys.waiting
+        free = self._max - self.active - self.queued + waiting
+        if waiting:
+            free = min(free, self._limit - self.queued)
+        return free
 
     async def wait_free_slot(self) -> None:
         """Wait until a slot is released (check ``free_slots`` again after)."""
@@ -362,12 +370,19 @@ class Mailbox(Generic[Item]):
         return True
 
     def _offer_keyed(self, item: Item, key: str, priority: int, force: bool) -> bool:
+        keys = self.keys
+        holder = keys.holders.get(key)
+        if holder is not None and holder is not item:  # (a busy key: it waits behind)
+            if self.queued >= self._limit and not force:
+                return False
+            keys.wait(key, (next(self._seq), priority, item))
+            self.queued += 1
+            self.accepted += 1
+            return True
         full = self.queued >= self._limit and not force
         if full and self.active >= self._max:
             return False
-        keys = self.keys
-        holder = keys.holders.get(key)
-        if (holder is None or holder is item) and keys.take(key, item):
+        if keys.take(key, item):
             if self.active < self._max:  # (then nothing eligible is queued)
                 self.active += 1
                 self.accepted += 1

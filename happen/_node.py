@@ -52,7 +52,7 @@ from happen._handlers import (
 from happen._ids import MAX_KEY, validate_event_type, validate_key, validate_node_id
 from happen._mailbox import Mailbox, NodeStats
 from happen._middleware import Middleware, MiddlewareStack, run_chain
-from happen._partitions import KeyRouter
+from happen._partitions import KeyRouter, durable_takeover_delay
 from happen._patterns import Pattern, PatternLike, compile_pattern
 from happen._producer import aclose_quietly, first_item_ahead, produce
 from happen._runtime import Runtime
@@ -258,6 +258,11 @@ class Node:
             lease=liveness_timeout,
             accept=self._accept_held,
             answer=self._answer,
+            takeover_delay=(
+                durable_takeover_delay(self._delivery.ack_wait, liveness_timeout)
+                if durable is not None
+                else 0.0
+            ),
         )
 
     def __repr__(self) -> str:
@@ -608,18 +613,22 @@ class Node:
         for suffix in self._subscriptions.keys() - wanted:
             await self._subscriptions.pop(suffix).unsubscribe()
         if self._durable is not None and self._intake is None:
-            mailbox = self._mailbox
+            durable = self._durable
             intake = Intake(
                 node_id=self.id,
-                logs=self._durable,
-                slots=mailbox,
+                logs=durable,
+                slots=self._mailbox,
                 admit=self._on_delivery,
                 held=self._held_deliveries,
                 backlog=self._set_backlog,
                 spawn=self._runtime.spawn,
+                partitions=self._router,
             )
+            self._router.attach(intake)
             await intake.start()
             self._intake = intake
+            # Keyed events stored before: take part in the key partitions (else on news).
+            self._runtime.spawn(self._router.join_if_keyed, partial(durable.keyed_stored, self.id))
 
     async def unsubscribe(self) -> None:
         """Stop hearing new events (the system is stopping). Never raises.
@@ -670,10 +679,14 @@ class Node:
         for entry in overflow:
             self._mailbox.rejected += 1
             await self._reply(entry.work, p.stopped(self.id))
-        for work in self._mailbox.take_pending():
-            if work.delivery is not None:
-                await self._hand_back(work)
-            else:
+        pending = self._mailbox.take_pending()
+        # Durable events go back to their log in log order: a key partition's next owner
+        # gets them again in that order, before the partition's later events.
+        stored = sorted((w for w in pending if w.delivery is not None), key=_log_order)
+        for work in stored:
+            await self._hand_back(work)
+        for work in pending:
+            if work.delivery is None:
                 await self._fail_unstarted(work, p.stopped(self.id))
 
     # ----- receiving ----------------------------------------------------------------
@@ -1562,6 +1575,11 @@ class Node:
 
     def _set_backlog(self, count: int) -> None:
         self._mailbox.backlog = count
+
+
+def _log_order(work: Work) -> int:
+    assert work.delivery is not None
+    return work.delivery.seq
 
 
 async def _settle_quietly(settle: Callable[[], Awaitable[None]], node_id: str) -> None:

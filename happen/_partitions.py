@@ -44,19 +44,19 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
 
 from happen import _wire as p
 from happen._errors import HappenError, NodeNotFoundError
-from happen._keys import PARTITIONS, partition_of
+from happen._keys import PARTITIONS, keys_bucket, partition_of
 from happen._mailbox import Mailbox
 from happen._runtime import Runtime
 from happen._transport import Entry, KeyValue, RevisionMismatch, durable_transport
 
-__all__ = ["KeyRouter", "Ownership", "rebalance"]
+__all__ = ["KeyRouter", "Ownership", "durable_takeover_delay", "rebalance"]
 
 log = logging.getLogger("happen")
 
@@ -75,6 +75,20 @@ MAX_ROUTED = 16
 ATTEMPTS = 16
 #: Held requests wait at most this many leases for their partition to get a live owner.
 HOLD_LEASES = 3
+#: Instances that left cleanly, remembered in the record (their partitions open at once on
+#: the instances that take them: nothing of theirs waits to be delivered again).
+DEPARTED = 16
+#: Seconds a durable node's partition taken from a dead owner waits, beyond ``ack_wait``
+#: and a renewal period, before it opens (the log's redelivery timer may fire a little late).
+TAKEOVER_MARGIN = 0.5
+
+
+def durable_takeover_delay(ack_wait: float, lease: float) -> float:
+    """How long after a dead owner's last heartbeat (as seen) a durable node's partition
+    opens on the instance that takes it over: the owner kept its events from redelivery
+    until it died, at most a renewal period after that heartbeat, and they come back
+    ``ack_wait`` later. Opened then, the partition's fetches get them first."""
+    return ack_wait + lease / BEATS + TAKEOVER_MARGIN
 
 
 class Ownership(msgspec.Struct, kw_only=True):
@@ -86,6 +100,7 @@ class Ownership(msgspec.Struct, kw_only=True):
     leaving: list[str] = []
     owners: list[str]  # per partition: the owning instance, "" for none
     incoming: list[str]  # per partition: the instance it is being handed to, or ""
+    departed: list[str] = []  # the last instances that left cleanly (not found dead)
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -109,7 +124,10 @@ def rebalance(
     leaving = [m for m in table.leaving if m in members]
     owners = list(table.owners)
     incoming = list(table.incoming)
+    departed = list(table.departed)
     if mode == "gone":
+        if me in members:
+            departed = [*departed[-(DEPARTED - 1) :], me]
         members.pop(me, None)
         leaving = [m for m in leaving if m != me]
         for q in range(table.partitions):
@@ -142,6 +160,7 @@ def rebalance(
         leaving=leaving,
         owners=owners,
         incoming=incoming,
+        departed=departed,
     )
 
 
@@ -199,6 +218,15 @@ class Relay:
             self.router.bounced(self)
 
 
+class PartitionIntake(Protocol):
+    """A durable node's intake (``happen._durable.Intake``): it fetches the keyed events of
+    the partitions ``may_fetch`` allows, and is told when they change."""
+
+    def fetching(self, partition: int) -> bool: ...
+
+    def partitions_changed(self) -> None: ...
+
+
 #: What a keyed request should do: "" admit it here, None hold it, else pass it on to the
 #: instance named.
 Where = str | None
@@ -240,10 +268,13 @@ class KeyRouter:
         #: the instance that takes them over (durable nodes: their redeliveries come first).
         self.takeover_delay = takeover_delay
         self.started = False
+        self._intake: PartitionIntake | None = None  # a durable node's intake, fetching partitions
+        self._unfetched: set[int] = set()  # closing partitions a fetch may still be bringing
         self._kv: KeyValue | None = None
         self._view: Ownership | None = None
         self._roles = [Role.ELSEWHERE] * PARTITIONS
         self._where: list[Where] = [None] * PARTITIONS
+        self._all_here = False  # every partition's requests are admitted here
         self._gated = [False] * PARTITIONS  # closed in the mailbox by this router
         self._opens_at: dict[int, float] = {}  # taken-over partitions opening later
         self._seen: dict[str, tuple[int, float]] = {}  # member -> (heartbeat, when it changed)
@@ -268,6 +299,8 @@ class KeyRouter:
     def route(self, request: p.Request) -> Where:
         """Where the keyed ``request`` goes: ``""`` admit it here, an instance id to pass it
         on, ``None`` to hold it (``hold``)."""
+        if self._all_here and not self._held and self._runtime.accepting:
+            return ""  # (every partition is this instance's: the common case of one host)
         if not self.started:
             self._start()
         partition = partition_of(request.key)  # (a keyed request)
@@ -411,6 +444,41 @@ class KeyRouter:
         else:
             self.join()
 
+    # ----- durable nodes: the partitions an intake fetches --------------------------------
+
+    def attach(self, intake: PartitionIntake) -> None:
+        """A durable node's ``intake`` fetches the keyed events of the partitions this
+        instance owns and has opened (``may_fetch``); it is told when they change."""
+        self._intake = intake
+
+    def may_fetch(self, partition: int) -> bool:
+        """Whether this instance may fetch the keyed events of ``partition`` now: it owns
+        the partition, is not handing it over, and has opened it (its lease is current and
+        a dead owner's events have had time to be delivered again)."""
+        return (
+            self.started
+            and self._roles[partition] is Role.OWN
+            and not self._gated[partition]
+            and self._runtime.accepting
+        )
+
+    def fetch_stopped(self, partition: int) -> None:
+        """No fetch of ``partition`` is in flight any more: if it is being handed over, it
+        goes once its last event here has ended."""
+        if partition in self._unfetched:
+            self._unfetched.discard(partition)
+            if self._roles[partition] is Role.CLOSING:
+                self._mailbox.keys.watch(partition, self._idle)
+
+    async def join_if_keyed(self, keyed: Callable[[], Awaitable[int]]) -> None:
+        """Join if ``keyed()`` counts keyed events stored for this (durable) node. Never
+        raises (a failure is logged: the node joins when it hears of keys)."""
+        try:
+            if await keyed():
+                self.join()
+        except HappenError as exc:
+            log.warning("node %r could not tell whether it has keyed events: %s", self.node_id, exc)
+
     def _start(self) -> None:
         self.started = True
         self._lock = anyio.Lock()
@@ -432,6 +500,9 @@ class KeyRouter:
         self._solo = True
         self._roles = [Role.OWN] * PARTITIONS
         self._where = [""] * PARTITIONS
+        self._all_here = True
+        if self._intake is not None:
+            self._intake.partitions_changed()
 
     # ----- the keeper -------------------------------------------------------------------
 
@@ -472,7 +543,7 @@ class KeyRouter:
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             transport = durable_transport(self._wire.transport)  # type: ignore[arg-type]
-            self._kv = await transport.key_value(f"happen_{self._wire.namespace}_keys")
+            self._kv = await transport.key_value(keys_bucket(self._wire.namespace))
         return self._kv
 
     async def _sync(self, *, beat: bool) -> None:
@@ -565,7 +636,7 @@ class KeyRouter:
         if self._view is None:
             why = (
                 f"node {self.node_id!r} cannot order keys across its instances: the key-value "
-                f"bucket happen_{self._wire.namespace}_keys failed: {_describe(exc)}"
+                f"bucket {keys_bucket(self._wire.namespace)} failed: {_describe(exc)}"
             )
             log.error("%s", why)
             self._failure = (anyio.current_time() + 1.0, why)
@@ -594,9 +665,18 @@ class KeyRouter:
             if owner == me and not coming:
                 role = Role.OWN
                 self._where[q] = ""
-                if was is Role.ELSEWHERE and before is not None and self.takeover_delay > 0:
+                if (
+                    was in (Role.ELSEWHERE, Role.INCOMING)
+                    and before is not None
+                    and self.takeover_delay > 0
+                ):
                     previous = before.owners[q]
-                    if previous and previous != me and previous not in table.members:
+                    if (
+                        previous
+                        and previous != me
+                        and previous not in table.members
+                        and previous not in table.departed  # (it handed its events back)
+                    ):
                         seen = self._seen_at(previous, now)
                         self._opens_at[q] = seen + self.takeover_delay
             elif owner == me:
@@ -616,8 +696,13 @@ class KeyRouter:
             if was is Role.CLOSING and role is not Role.CLOSING:
                 mailbox.keys.unwatch(q)
                 self._completed.discard(q)
+                self._unfetched.discard(q)
             elif role is Role.CLOSING and was is not Role.CLOSING:
-                mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
+                if self._intake is not None and self._intake.fetching(q):
+                    self._unfetched.add(q)  # watched once the fetch in flight has ended
+                else:
+                    mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
+        self._all_here = all(where == "" for where in self._where)
         self._gate_all()
 
     def _seen_at(self, member: str, now: float) -> float:
@@ -638,6 +723,8 @@ class KeyRouter:
             role = self._roles[q]
             closed = q in self._opens_at or (self._fenced and role in (Role.OWN, Role.CLOSING))
             self._gate(q, closed, stranded=role is Role.ELSEWHERE)
+        if self._intake is not None:
+            self._intake.partitions_changed()
 
     def _gate(self, q: int, closed: bool, *, stranded: bool = False) -> None:
         mailbox = self._mailbox

@@ -394,6 +394,13 @@ class DurableLog(Protocol):
         again with the same ``msg_id`` is safe."""
         ...
 
+    async def stored(self, subjects: str) -> int:
+        """How many messages the log holds under the subjects ``subjects`` matches (``*``
+        and a final ``>`` allowed), settled or not by any consumer (a work-queue log holds
+        only unsettled ones). Raises :class:`TransportError` for an invalid filter, or when
+        the transport is closed or down."""
+        ...
+
     async def consumer(self, name: str, settings: ConsumerSettings | None = None) -> LogConsumer:
         """A handle on the consumer ``name``, created with ``settings`` if it does not exist,
         updated to them if it does. A new consumer starts at the log's first stored message.
@@ -484,6 +491,17 @@ def check_subject(subject: object) -> str:
             f"whitespace or wildcards"
         )
     return subject
+
+
+def check_filter(subjects: object) -> str:
+    """``subjects`` if it is a valid subject filter (tokens, ``*``, a final ``>``), else
+    :class:`TransportError`."""
+    if not isinstance(subjects, str) or not _FILTER.fullmatch(subjects):
+        raise TransportError(
+            f"invalid subject filter {subjects!r}: dot-separated tokens without whitespace, "
+            f"'*' or a final '>' as whole tokens"
+        )
+    return subjects
 
 
 def check_append(msg_id: object, headers: Mapping[str, str] | None) -> None:

@@ -461,6 +461,90 @@ async def test_fetchers_of_one_consumer_share_its_messages(
     await pending_becomes(b, 0)
 
 
+async def test_a_fetch_that_returned_holds_nothing_back(
+    make_transport: Callable[[], Transport],
+) -> None:
+    """A fetch that waited for a message and got one holds nothing more: a message appended
+    after it returned goes to whichever handle of the consumer fetches next, at once (not
+    into the first handle's buffer, to wait out ``ack_wait`` once it stops fetching)."""
+    hosts = []
+    for _ in range(2):
+        t = make_transport()
+        await t.start()
+        hosts.append(durable_transport(t))
+    log = await make_log(hosts[0])
+    a = await make_consumer(log, "worker")
+    b = await make_consumer(await hosts[1].durable_log(log.name, log.settings), "worker")
+    got: list[Delivery] = []
+
+    async def fetcher() -> None:
+        got.extend(await a.fetch(5, timeout=20))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetcher)
+            await anyio.sleep(0.2)  # let the fetch start waiting (a real fetch, not a sleep test)
+            await log.append("jobs", b"first", msg_id="first")
+    assert [d.data for d in got] == [b"first"]
+    await log.append("jobs", b"second", msg_id="second")
+    assert [d.data for d in await b.fetch(5, timeout=WAIT)] == [b"second"]
+
+
+async def test_fetches_racing_appends_leave_nothing_behind(
+    make_transport: Callable[[], Transport],
+) -> None:
+    """Short fetches on one handle while messages are appended, then the handle stops: every
+    message the server sent for a fetch was returned by it (none arrived as it gave up, to
+    wait in a buffer), so another handle gets all the rest at once, not after ``ack_wait``.
+    Twenty rounds: a fetch's end racing a delivery is rare in any one."""
+    hosts = []
+    for _ in range(2):
+        t = make_transport()
+        await t.start()
+        hosts.append(durable_transport(t))
+    log = await make_log(hosts[0])
+    a = await make_consumer(log, "worker")
+    b = await make_consumer(await hosts[1].durable_log(log.name, log.settings), "worker")
+    for round_ in range(20):
+        taken: list[Delivery] = []
+        appended = anyio.Event()
+
+        async def appender(round_: int, appended: anyio.Event) -> None:
+            for i in range(30):
+                await log.append("jobs", f"{round_}.{i}".encode(), msg_id=f"m{round_}.{i}")
+                await anyio.sleep(0.0005)
+            appended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(appender, round_, appended)
+            while not appended.is_set():
+                taken += await a.fetch(5, timeout=0.003)
+        with anyio.fail_after(WAIT):
+            rest = await fetch_all(b, 30 - len(taken))
+        assert len(taken) + len(rest) == 30, round_
+        for delivery in taken + rest:
+            await delivery.ack()
+
+
+async def test_stored_counts_the_messages_under_a_filter(transport: DurableTransport) -> None:
+    log = await make_log(transport)
+    for i, subject in enumerate(["events", "keyed.0", "keyed.0", "keyed.63", "other.1"]):
+        await log.append(subject, b"x", msg_id=f"m{i}")
+    assert await log.stored("keyed.>") == 3
+    assert await log.stored("keyed.0") == 2
+    assert await log.stored("*") == 1
+    assert await log.stored(">") == 5
+    assert await log.stored("none.>") == 0
+    consumer = await make_consumer(log, subjects=("keyed.0",))
+    for delivery in await fetch_all(consumer, 2):
+        await delivery.ack()  # a work-queue log forgets what its consumer settled
+    with anyio.fail_after(WAIT):
+        while await log.stored("keyed.>") != 1:  # noqa: ASYNC110 (server state, bounded)
+            await anyio.sleep(0.02)
+    with pytest.raises(TransportError, match="invalid subject filter"):
+        await log.stored("a..b")
+
+
 async def test_a_consumer_can_be_reconfigured(transport: DurableTransport) -> None:
     log = await make_log(transport)
     await make_consumer(log, "worker", ack_wait=30.0)

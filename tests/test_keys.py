@@ -426,6 +426,32 @@ async def test_a_durable_nodes_keyed_events_run_one_at_a_time_in_order(
     assert recorder.order("k0")[-1] == "last"
 
 
+async def test_a_hot_keys_backlog_does_not_hold_back_a_durable_nodes_other_keys(
+    transport_url: str,
+) -> None:
+    """A durable node with 2 slots: while one hot key's event runs (held open) and 20 more
+    of it wait, the node still fetches and runs another key's event; the hot key's events
+    then run in order."""
+    recorder = Recorder()
+    config = {"patterns": {"ledger": {"durable": True, "ack_wait": 5.0}}}
+    concurrency = {"patterns": {"ledger": {"max_concurrent": 2, "queue_limit": 50}}}
+    async with make_system(transport_url, delivery=config, concurrency=concurrency) as system:
+        ledger = system.create_node("ledger")
+        ledger.on("op", recorder.handler())
+        client = system.create_node("client")
+        await client.enqueue("ledger", {"type": "op", "payload": {"n": 0, "hold": True}}, key="hot")
+        for n in range(1, 21):
+            await client.enqueue("ledger", {"type": "op", "payload": {"n": n}}, key="hot")
+        await eventually(lambda: ledger.stats().keyed_waiting == 20, WAIT)
+        with anyio.fail_after(WAIT):
+            assert (await send(client, "cold", "cold"))["payload"] == "cold"
+        assert ledger.stats().active == 1  # the hot key's first event, still held open
+        recorder.gate.set()
+        await eventually(lambda: ledger.stats().completed == 22, WAIT)
+    assert [p["n"] for p in recorder.order("hot")] == list(range(21))
+    assert recorder.overlaps == []
+
+
 class Item:
     def __init__(self, name: str, key: str | None) -> None:
         self.name = name
@@ -488,9 +514,21 @@ def test_partitions_are_the_same_in_every_process() -> None:
 # ----- across instances -------------------------------------------------------------------
 
 
-def hosts(make_transport: Callable[[], Transport], ns: str, n: int) -> list[happen.System]:
+#: Node ``ledger`` durable: its events are stored, and each key partition's events are
+#: fetched by the instance that owns it.
+DURABLE = {"patterns": {"ledger": {"durable": True, "ack_wait": 2.0}}}
+
+
+def hosts(
+    make_transport: Callable[[], Transport], ns: str, n: int, *, durable: bool = False
+) -> list[happen.System]:
     return [
-        happen.System(transport=make_transport(), namespace=ns, liveness_timeout=2.0)
+        happen.System(
+            transport=make_transport(),
+            namespace=ns,
+            liveness_timeout=2.0,
+            delivery=DURABLE if durable else None,
+        )
         for _ in range(n)
     ]
 
@@ -536,22 +574,26 @@ def no_overlap_and_in_order(recorder: Recorder, keys: int, rounds: int) -> None:
             assert start >= end, f"k{key}: two events ran at once"
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 @pytest.mark.parametrize("instances", [2, 3])
 async def test_keys_are_ordered_across_instances(
-    make_transport: Callable[[], Transport], instances: int
+    make_transport: Callable[[], Transport], instances: int, durable: bool
 ) -> None:
-    """1,000 events over 50 keys from 3 senders to a node hosted 2 or 3 times: no key runs
-    twice at once, each key runs in the order its events were accepted, every instance
-    runs some keys, and every event is counted once."""
+    """1,000 events over 50 keys from 3 senders to a node hosted 2 or 3 times (durable or
+    not): no key runs twice at once, each key runs in the order its events were accepted
+    (stored, for a durable node), every instance runs some keys, and every event is
+    counted once."""
     ns = unique_namespace()
     recorder = Recorder()
-    systems = hosts(make_transport, ns, instances)
+    systems = hosts(make_transport, ns, instances, durable=durable)
     nodes = []
     for index, system in enumerate(systems):
         node = system.create_node("ledger")
         node.on("op", recorder.handler(f"i{index}", jitter=0.002))
         nodes.append(node)
-    client_system = happen.System(transport=make_transport(), namespace=ns)
+    client_system = happen.System(
+        transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
+    )
     senders = [client_system.create_node(f"sender-{n}") for n in range(3)]
     async with _all(*systems, client_system):
         for node in nodes:
@@ -570,18 +612,23 @@ async def test_keys_are_ordered_across_instances(
     assert arrived == 1000 + sum(s.forwarded for s in stats)
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 async def test_an_instance_stopped_cleanly_hands_its_keys_over_in_order(
-    make_transport: Callable[[], Transport],
+    make_transport: Callable[[], Transport], durable: bool
 ) -> None:
+    """One of three instances stops cleanly halfway through the rounds: the events it had
+    accepted end there, its keys go on elsewhere with no overlap and no reorder."""
     ns = unique_namespace()
     recorder = Recorder()
-    systems = hosts(make_transport, ns, 3)
+    systems = hosts(make_transport, ns, 3, durable=durable)
     nodes = []
     for index, system in enumerate(systems):
         node = system.create_node("ledger")
         node.on("op", recorder.handler(f"i{index}", jitter=0.004))
         nodes.append(node)
-    client_system = happen.System(transport=make_transport(), namespace=ns)
+    client_system = happen.System(
+        transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
+    )
     senders = [client_system.create_node(f"sender-{n}") for n in range(3)]
     leave = anyio.Event()
 
@@ -764,3 +811,103 @@ async def test_the_documented_key_grants_are_enough(tmp_path: Any) -> None:
             assert await client.send("ledger", {"type": "op"}) == "ran"
             with pytest.raises(happen.TransportError, match=f"happen_{ns}_keys"):
                 await client.send("ledger", {"type": "op"}, key="a", timeout=WAIT)
+
+
+def durable_key_grants(ns: str, node: str) -> str:
+    """A nats-server user ``host`` with what docs/permissions.md and docs/keys-and-state.md
+    list for running, and sending keyed events to, the durable node ``node`` (and ``NS.>`` /
+    any inbox for the rest)."""
+    log_name = f"happen_{ns}_node_{node}"
+    broadcasts = f"happen_{ns}_broadcasts"
+    bucket = f"KV_happen_{ns}_keys"
+    publish = [f"{ns}.>", "_INBOX.>"]
+    for stream, consumer in ((log_name, node), (log_name, "*"), (broadcasts, node)):
+        publish += [
+            f"$HAPPEN.log.{stream}.>",
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}",
+            f"$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
+            f"$JS.ACK.{stream}.{consumer}.>",
+        ]
+    publish += [
+        f"$JS.API.STREAM.INFO.{bucket}",
+        f"$JS.API.STREAM.CREATE.{bucket}",
+        f"$JS.API.STREAM.MSG.GET.{bucket}",
+        f"$KV.happen_{ns}_keys.{node}",
+    ]
+    allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys(publish))
+    return (
+        "authorization {\n  users = [\n"
+        '    { user: "host", password: "secret", permissions: {\n'
+        f"        publish: {{ allow: [{allow}] }}\n"
+        f'        subscribe: {{ allow: ["{ns}.>", "_INBOX.>"] }}\n'
+        "    } }\n  ]\n}\n"
+    )
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_documented_durable_key_grants_are_enough(tmp_path: Any) -> None:
+    from happen.transports.nats import NatsTransport
+    from tests.conftest import NatsServer
+
+    ns = unique_namespace()
+    config = tmp_path / "auth.conf"
+    config.write_text(durable_key_grants(ns, "ledger"))
+    with NatsServer(extra_args=["-c", str(config)]) as server:
+
+        def as_host() -> happen.System:
+            transport = NatsTransport(
+                server.url, user="host", password="secret", jetstream_timeout=1.0
+            )
+            return happen.System(
+                transport=transport, namespace=ns, liveness_timeout=2.0, delivery=DURABLE
+            )
+
+        recorder = Recorder()
+        hosts = [as_host(), as_host()]
+        nodes = []
+        for index, system in enumerate(hosts):
+            node = system.create_node("ledger")
+            node.on("op", recorder.handler(f"i{index}"))
+            nodes.append(node)
+        client_system = as_host()
+        senders = [client_system.create_node("sender")]
+        async with _all(*hosts, client_system):
+            for node in nodes:
+                await subscriptions_live(node)
+            assert await rounds(senders, nodes, rounds=4, keys=40) == []
+        no_overlap_and_in_order(recorder, keys=40, rounds=4)
+        ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
+        assert ran_on == {"i0", "i1"}
+
+
+async def test_a_durable_nodes_keyed_events_stored_while_none_ran_are_ordered_across_instances(
+    make_transport: Callable[[], Transport],
+) -> None:
+    """Keyed events enqueued while no instance of the durable node runs: two instances then
+    start, find keyed events in the log, take part in the key partitions, and run each key's
+    events one at a time in the order they were stored."""
+    ns = unique_namespace()
+    recorder = Recorder()
+    client_system = happen.System(transport=make_transport(), namespace=ns, delivery=DURABLE)
+    systems = hosts(make_transport, ns, 2, durable=True)
+    nodes = []
+    for index, system in enumerate(systems):
+        node = system.create_node("ledger")
+        node.on("op", recorder.handler(f"i{index}", jitter=0.002))
+        nodes.append(node)
+    async with client_system:
+        sender = client_system.create_node("sender")
+        for n in range(10):
+            for key in range(20):
+                await sender.enqueue("ledger", {"type": "op", "payload": n}, key=f"k{key}")
+        async with _all(*systems):
+            await eventually(lambda: sum(n.stats().completed for n in nodes) == 200, WAIT)
+    no_overlap_and_in_order(recorder, keys=20, rounds=10)
+    stats = [node.stats() for node in nodes]
+    assert sum(s.accepted for s in stats) == sum(s.completed for s in stats) == 200

@@ -44,6 +44,7 @@ from happen._transport import (
     TransportListener,
     check_append,
     check_expect,
+    check_filter,
     check_name,
     check_subject,
     escape_key,
@@ -646,6 +647,16 @@ class MemoryLog:
                 f"max_payload of {self._transport.max_payload} bytes; nothing was stored"
             )
         return self._state.append(subject, bytes(data), msg_id, dict(headers) if headers else None)
+
+    async def stored(self, subjects: str) -> int:
+        """Messages held under subjects matching ``subjects`` (see ``DurableLog.stored``)."""
+        self._transport.check_open()
+        pattern = check_filter(subjects).split(".")
+        return sum(
+            1
+            for message in self._state.messages.values()
+            if _subject_matches(pattern, message.tokens)
+        )
 
     async def consumer(self, name: str, settings: ConsumerSettings | None = None) -> MemoryConsumer:
         """A handle on the consumer ``name`` (see ``DurableLog.consumer``)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import anyio
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -43,6 +44,7 @@ from happen._transport import (
     TransportListener,
     check_append,
     check_expect,
+    check_filter,
     check_name,
     check_subject,
     escape_key,
@@ -93,6 +95,18 @@ _ERR_MAX_MSGS = 10077  # "maximum messages exceeded" (discard-new)
 _ERR_STREAM_NAME_IN_USE = 10058
 _ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
 _ERR_WORK_QUEUE_OVERLAP = (10099, 10100)  # consumers that overlap on a work-queue stream
+#: The JetStream API's subject prefix (the default domain).
+_JS_API = "$JS.API"
+#: Seconds beyond a pull request's expiry within which its end must arrive; else the
+#: connection is taken to be in trouble.
+PULL_GRACE = 2.0
+_encode_json = msgspec.json.Encoder().encode
+
+
+class _PullRefused(Exception):
+    """The server ended a pull request with an error status (e.g. the consumer is gone)."""
+
+
 _RETENTION = {
     Retention.WORK_QUEUE: api.RetentionPolicy.WORK_QUEUE,
     Retention.INTEREST: api.RetentionPolicy.INTEREST,
@@ -730,6 +744,18 @@ class NatsLog:
             return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
         raise AssertionError("unreachable")
 
+    async def stored(self, subjects: str) -> int:
+        """Messages held under subjects matching ``subjects`` (see ``DurableLog.stored``):
+        the stream's per-subject counts, in one request."""
+        check_filter(subjects)
+        action = f"count the messages of durable log {self.name!r}"
+        js = self._transport.jetstream(action)
+        try:
+            info = await js.stream_info(self.name, subjects_filter=self.subject_prefix + subjects)
+        except (nats.errors.Error, OSError) as exc:
+            raise _jetstream_error(action, exc) from exc
+        return sum((info.state.subjects or {}).values())
+
     def consumer_config(self, name: str, settings: ConsumerSettings) -> api.ConsumerConfig:
         filters = [self.subject_prefix + subject for subject in settings.subjects]
         return api.ConsumerConfig(
@@ -761,10 +787,14 @@ class NatsLog:
 class NatsConsumer:
     """A handle on a durable pull consumer (a ``LogConsumer``).
 
-    Fetches go through one nats-py pull subscription, one at a time. The subscription is
-    made again after a reconnect (nats.py#504: it may not survive a server restart) and
-    after a failed fetch, with the stream and the consumer made again if the server lost
-    them.
+    Fetches are JetStream pull requests answered on an inbox of this handle, one at a time.
+    Every request ends (its batch is filled, or the server says "no messages" or "expired")
+    before its fetch returns, so no message the server sent for a fetch is left behind for
+    a later one (nats-py's pull subscription may leave a long-polling request open, whose
+    next message then waits in its buffer: returned by a later fetch, or held until
+    ``ack_wait`` once the instance stops fetching). The inbox is made again after a
+    reconnect and after a failed fetch, with the stream and the consumer made again if the
+    server lost them.
     """
 
     #: Messages the server sent to a cancelled fetch wait out ``ack_wait``.
@@ -778,13 +808,16 @@ class NatsConsumer:
         self.name = name
         self.settings = settings
         self._config = log.consumer_config(name, settings)
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._pull_subject = f"{_JS_API}.CONSUMER.MSG.NEXT.{log.name}.{name}"
+        self._subscription: _NatsSubscription | None = None
+        self._inbox = ""
         self._stale = False
         self._closed = False
+        self._idle = False  # the last fetch waited and got nothing
         self._lock = anyio.Lock()
 
     def mark_stale(self) -> None:
-        """Make the pull subscription again before the next fetch."""
+        """Make the inbox again before the next fetch."""
         self._stale = True
 
     async def ensure(self) -> None:
@@ -804,18 +837,20 @@ class NatsConsumer:
             raise _jetstream_error(action, exc) from exc
 
     async def bind(self) -> None:
-        """(Re)make the pull subscription."""
+        """(Re)make the inbox the pull requests are answered on. What the server still
+        sends to the old one (a request cut short) waits out ``ack_wait``."""
         old, self._subscription = self._subscription, None
         if old is not None:
             with contextlib.suppress(nats.errors.Error, ValueError):
                 await old.unsubscribe()
-        js = self._transport.jetstream(f"read durable log {self._log.name!r}")
+        action = f"read durable log {self._log.name!r}"
+        self._transport.jetstream(action)  # (the connection is up)
+        inbox = self._transport.new_inbox()
         try:
-            self._subscription = await js.pull_subscribe_bind(
-                consumer=self.name, stream=self._log.name
-            )
+            self._subscription = await self._transport.settling_client().subscribe(inbox)
         except (nats.errors.Error, OSError) as exc:
-            raise _jetstream_error(f"read durable log {self._log.name!r}", exc) from exc
+            raise _jetstream_error(action, exc) from exc
+        self._inbox = inbox
         self._stale = False
         self._transport.add_consumer_handle(self)
 
@@ -841,29 +876,84 @@ class NatsConsumer:
                 self._transport.jetstream(action)
                 if self._stale or self._subscription is None:
                     await self._rebind()
-                assert self._subscription is not None
-                remaining = max(deadline - time.monotonic(), 0.001)
                 try:
-                    messages = await self._subscription.fetch(n, timeout=remaining)
+                    messages = await self._pull(n, deadline)
                     break
-                except TimeoutError:  # nats-py's way to say "nothing came" (its own
-                    return []  # TimeoutError, or asyncio's, raised bare on a busy loop)
-                except nats.js.errors.APIError as exc:
+                except _PullRefused as exc:
                     # e.g. the consumer was deleted: make it again, and try once more
                     self._stale = True
                     if attempt == 2:
-                        raise _jetstream_error(action, exc) from exc
+                        raise TransportError(f"cannot {action}: {exc}") from None
                     log.warning(
                         "fetch from consumer %r of durable log %r failed (%s); making it again",
                         self.name,
                         self._log.name,
-                        _describe(exc),
+                        exc,
                     )
                 except (nats.errors.Error, OSError) as exc:
                     self._stale = True
                     raise _jetstream_error(action, exc) from exc
         prefix = len(self._log.subject_prefix)
         return [NatsDelivery(self._transport, msg, prefix) for msg in messages]
+
+    async def _pull(self, n: int, deadline: float) -> list[Msg]:
+        """What is there now (up to ``n``); if nothing, wait until ``deadline`` for one
+        message, then take what else is there (up to ``n`` in all). After a fetch that got
+        nothing, the first look is skipped (an idle consumer costs one request a fetch)."""
+        if not self._idle:
+            messages = await self._request(n, None)
+            if messages:
+                return messages
+        wait = deadline - time.monotonic()
+        if wait < 0.001:
+            self._idle = False  # (no wait: look at once next time)
+            return []
+        messages = await self._request(1, wait)
+        self._idle = not messages
+        if messages and n > 1:
+            messages += await self._request(n - 1, None)
+        return messages
+
+    async def _request(self, batch: int, wait: float | None) -> list[Msg]:
+        """One pull request, read to its end: ``batch`` messages, or fewer and the server's
+        word that there are no more now (``wait`` None) or that it expired (after
+        ``wait`` seconds)."""
+        subscription = self._subscription
+        assert subscription is not None
+        body: dict[str, Any] = {"batch": batch}
+        if wait is None:
+            body["no_wait"] = True
+        else:
+            body["expires"] = max(int(wait * 1_000_000_000), 1_000_000)
+        await self._transport.settling_client().publish(
+            self._pull_subject, _encode_json(body), reply=self._inbox
+        )
+        give_up = time.monotonic() + (wait or 0.0) + PULL_GRACE
+        messages: list[Msg] = []
+        while len(messages) < batch:
+            try:
+                msg = await subscription.next_msg(timeout=max(give_up - time.monotonic(), 0.001))
+            except TimeoutError:
+                # No end of the request in time: the connection is in trouble. What the
+                # server sends for it later goes to an inbox nobody reads any more.
+                self._stale = True
+                if messages:
+                    return messages
+                raise nats.errors.TimeoutError from None
+            status = msg.headers.get(api.Header.STATUS) if msg.headers else None
+            if not status:
+                messages.append(msg)
+            elif status in (api.StatusCode.NO_MESSAGES, api.StatusCode.REQUEST_TIMEOUT):
+                break  # the request is over
+            elif status == api.StatusCode.CONTROL_MESSAGE:
+                continue  # a heartbeat
+            else:
+                description = msg.headers.get(api.Header.DESCRIPTION, "") if msg.headers else ""
+                if messages:  # (what came is returned; the next fetch makes things again)
+                    self._stale = True
+                    return messages
+                raise _PullRefused(f"{status} {description}".strip())
+        return messages
 
     async def pending(self) -> int:
         """Messages the consumer has yet to settle (undelivered, or delivered and unsettled)."""
@@ -885,8 +975,8 @@ class NatsConsumer:
             await self.release()
 
     async def release(self) -> None:
-        """Drop the pull subscription (messages it holds return after ``ack_wait``); a
-        later fetch makes it again."""
+        """Drop the inbox (messages on their way to it return after ``ack_wait``); a later
+        fetch makes it again."""
         self._transport.discard_consumer_handle(self)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:

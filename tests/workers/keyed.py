@@ -1,6 +1,7 @@
 """A worker process for the per-key crash tests: hosts node ``ledger`` until it is killed.
 
-Usage: python keyed.py NATS_URL NAMESPACE LIVENESS_TIMEOUT
+Usage: python keyed.py NATS_URL NAMESPACE LIVENESS_TIMEOUT [ACK_WAIT]
+- with ``ACK_WAIT``, ``ledger`` is durable with that ``ack_wait``;
 - ``op``: answers ``{"pid": <this process's pid>, "n": payload["n"]}``; with
   ``payload["hang"]`` it first tells node ``observer`` its pid, then never finishes.
 """
@@ -16,9 +17,12 @@ import anyio
 import happen
 
 
-async def main(url: str, namespace: str, liveness: float) -> None:
+async def main(url: str, namespace: str, liveness: float, ack_wait: float | None) -> None:
+    delivery = None
+    if ack_wait is not None:
+        delivery = {"patterns": {"ledger": {"durable": True, "ack_wait": ack_wait}}}
     async with happen.System(
-        transport=url, namespace=namespace, liveness_timeout=liveness
+        transport=url, namespace=namespace, liveness_timeout=liveness, delivery=delivery
     ) as system:
         ledger = system.create_node("ledger")
 
@@ -33,4 +37,5 @@ async def main(url: str, namespace: str, liveness: float) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    ack_wait = float(sys.argv[4]) if len(sys.argv) > 4 else None
+    anyio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]), ack_wait)
