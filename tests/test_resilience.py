@@ -381,8 +381,12 @@ async def test_ten_times_queue_limit_senders_are_refused_counted_and_then_served
 
 
 @pytest.mark.anyio
-async def test_ten_thousand_streams_open_at_once_all_complete(transport_url: str) -> None:
-    count = 10_000
+async def test_ten_thousand_streams_open_at_once_all_complete(
+    transport_url: str, anyio_backend: str
+) -> None:
+    # Ten thousand on asyncio, over both transports; on trio (memory only) two thousand
+    # show the same, in a fifth of the time.
+    count = 10_000 if anyio_backend == "asyncio" else 2_000
     config = {"patterns": {"streams": {"max_concurrent": count, "queue_limit": 0}}}
     async with make_system(transport_url, concurrency=config, stream_window=4) as system:
         node = system.create_node("streams")
