@@ -144,10 +144,12 @@ class DurableLogs:
         self._logs: dict[str, DurableLog] = {}
         self._opening: dict[str, anyio.Lock] = {}
         self._keyed: set[str] = set()  # nodes this process stored keyed events for
+        self._by_node: dict[str, DurableLog] = {}  # node id -> its log, once opened
 
     def rename(self, namespace: str) -> None:
         """Use the logs of ``namespace`` (before the system starts)."""
         self.namespace = namespace
+        self._by_node.clear()
 
     def durable(self, node_id: str) -> bool:
         """Whether ``node_id`` is a durable node (by the namespace's delivery config)."""
@@ -207,7 +209,9 @@ class DurableLogs:
         Raises ``QueueFullError`` when its log holds ``queue_limit`` events (nothing was
         stored), and what the log's ``append`` raises.
         """
-        node_log = await self.node_log(node_id)
+        node_log = self._by_node.get(node_id)
+        if node_log is None:
+            node_log = self._by_node[node_id] = await self.node_log(node_id)
         headers = {REPLY_HEADER: reply} if reply else None
         subject = EVENTS if key is None else keyed_subject(partition_of(key))
         try:

@@ -485,7 +485,15 @@ def check_name(kind: str, name: object) -> str:
 
 def check_subject(subject: object) -> str:
     """``subject`` if it can be appended to (tokens, no wildcards), else TransportError."""
-    if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
+    if type(subject) is not str:
+        raise TransportError(f"invalid log subject {subject!r}: not a string")
+    return _valid_subject(subject)
+
+
+# A log's subjects repeat ("events", "keyed.7"): remember the valid ones.
+@functools.lru_cache(maxsize=1024)
+def _valid_subject(subject: str) -> str:
+    if not _SUBJECT.fullmatch(subject):
         raise TransportError(
             f"invalid log subject {subject!r}: dot-separated non-empty tokens without "
             f"whitespace or wildcards"
@@ -510,7 +518,8 @@ def check_append(msg_id: object, headers: Mapping[str, str] | None) -> None:
         not isinstance(msg_id, str)
         or not 0 < len(msg_id) <= MAX_MSG_ID
         or msg_id != msg_id.strip()
-        or _CONTROL.search(msg_id) is not None
+        # (a printable one has no control characters: the regex only for the others)
+        or (not msg_id.isprintable() and _CONTROL.search(msg_id) is not None)
     ):
         raise TransportError(
             f"invalid message id {msg_id!r}: 1-{MAX_MSG_ID} characters, without control "

@@ -133,11 +133,13 @@ def _validate_subject(subject: str, *, wildcards: bool) -> None:
 
 def _header_size(headers: Mapping[str, str]) -> int:
     """Bytes the headers take in a NATS frame; refuses line breaks, as the NATS transport does."""
-    size = len(b"NATS/1.0\r\n\r\n")
+    size = 12  # NATS/1.0\r\n\r\n
     for key, value in headers.items():
-        if any(c in key or c in value for c in "\r\n"):
+        if "\n" in key or "\r" in key or "\n" in value or "\r" in value:
             raise TransportError(f"header {key!r} contains a line break; nothing was sent")
-        size += len(key.encode()) + len(value.encode()) + len(b": \r\n")
+        size += 4  # ": " and "\r\n"
+        size += len(key) if key.isascii() else len(key.encode())
+        size += len(value) if value.isascii() else len(value.encode())
     return size
 
 
@@ -568,7 +570,10 @@ class LogState:
         redeliveries first, then new messages; ``[]`` when none."""
         taken: list[tuple[StoredMessage, int]] = []
         settings = consumer.settings
-        for seq in sorted(s for s, p in consumer.pending.items() if p.due <= now):
+        due = [seq for seq, pending in consumer.pending.items() if pending.due <= now]
+        if len(due) > 1:
+            due.sort()
+        for seq in due:
             if len(taken) == n:
                 return taken
             pending = consumer.pending[seq]
