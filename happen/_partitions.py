@@ -34,6 +34,15 @@ owner is gone (no subscriber: "no responders"), the status comes back to the pas
 instance, which holds the request until the partition has a live owner again, rather than
 failing the call. Held requests are answered in the liveness protocol (their callers are not
 lost), can be abandoned, and keep their deadline.
+
+**Durable nodes.** Their keyed events are not requests but stored events, one log subject per
+partition (``happen._durable``): the owner *fetches* a partition's events rather than being
+passed them, and an intake asks ``may_fetch(p)`` (owned, not being handed over, opened) and
+is told when that changes. A partition being handed over goes once no fetch of it is in
+flight and its events here have ended. A partition taken from an owner found dead opens only
+``durable_takeover_delay`` after that owner's last heartbeat, when the events it had fetched
+are due again (fetches return those first); one left by an instance that stopped cleanly
+(``departed`` in the record) opens at once.
 """
 
 from __future__ import annotations
