@@ -1224,8 +1224,9 @@ class Node:
             if work.reply and not work.pending:  # (else it runs again, or is dead-lettered)
                 self._inflight.pop(work.reply, None)
             if work.delivery is not None and not work.pending:
-                with anyio.CancelScope(shield=True):
-                    await self._settle_delivery(work)
+                # (no shield needed: a transport's settlement completes even when the task
+                # awaiting it is cancelled meanwhile; see ``Delivery``)
+                await self._settle_delivery(work)
             current_event.reset(token)
             bstream = work.event.stream
             if bstream is not None and isinstance(bstream, BroadcastStream):

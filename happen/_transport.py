@@ -289,7 +289,9 @@ class Delivery(Protocol):
     headers it was appended with (``None`` if none), ``seq`` its sequence in the log.
 
     The first of ``ack``, ``nak`` and ``term`` settles the delivery; later calls on the same
-    delivery, and ``in_progress`` after it, do nothing. Each raises :class:`TransportError`
+    delivery, and ``in_progress`` after it, do nothing. A settlement is never lost half-way:
+    it completes even if the task awaiting it is cancelled meanwhile (the cancellation is
+    seen at the task's next wait). Each raises :class:`TransportError`
     when the transport is closed. A late settlement still counts: an ack from a delivery
     that was redelivered meanwhile settles the message (as on JetStream).
     """

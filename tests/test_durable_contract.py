@@ -490,6 +490,21 @@ async def test_a_fetch_that_returned_holds_nothing_back(
     assert [d.data for d in await b.fetch(5, timeout=WAIT)] == [b"second"]
 
 
+async def test_a_settlement_completes_though_its_task_is_cancelled(
+    transport: DurableTransport,
+) -> None:
+    """An ack awaited in a cancelled scope still settles (a node acks as its worker may be
+    cancelled, and relies on it)."""
+    log = await make_log(transport)
+    consumer = await make_consumer(log)
+    await log.append("jobs", b"x", msg_id="m1")
+    delivery = await fetch_one(consumer)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await delivery.ack()
+    await pending_becomes(consumer, 0)
+
+
 async def test_stored_counts_the_messages_under_a_filter(transport: DurableTransport) -> None:
     log = await make_log(transport)
     for i, subject in enumerate(["events", "keyed.0", "keyed.0", "keyed.63", "other.1"]):

@@ -1019,14 +1019,16 @@ class NatsDelivery:
         if settles:
             self._settled = True
         try:
-            if verb == "ack":
-                await self._msg.ack()
-            elif verb == "nak":
-                await self._msg.nak(delay=delay if delay and delay > 0 else None)
-            elif verb == "term":
-                await self._msg.term()
-            else:
-                await self._msg.in_progress()
+            # Shielded: a settlement is not lost half-way to a cancellation (``Delivery``).
+            with anyio.CancelScope(shield=True):
+                if verb == "ack":
+                    await self._msg.ack()
+                elif verb == "nak":
+                    await self._msg.nak(delay=delay if delay and delay > 0 else None)
+                elif verb == "term":
+                    await self._msg.term()
+                else:
+                    await self._msg.in_progress()
         except (nats.errors.Error, OSError) as exc:
             raise TransportError(
                 f"cannot {verb} message {self.seq} of {self.subject!r}: {_describe(exc)}"
