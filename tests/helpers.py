@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 import happen
 
@@ -111,3 +113,17 @@ async def flushed(transport: Any) -> None:
     with anyio.fail_after(10):
         await answered.wait()
     await sub.unsubscribe()
+
+
+@asynccontextmanager
+async def running_process(args: Sequence[str]) -> AsyncIterator[anyio.abc.Process]:
+    """A child process for the duration of the block: killed (if it still runs) and
+    reaped at the end, even when the test was cancelled."""
+    process = await anyio.open_process(list(args))
+    try:
+        yield process
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()

@@ -60,9 +60,8 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture
 async def transport(make_transport: Callable[[], Transport]) -> DurableTransport:
-    t = make_transport()
-    await t.start()
-    return durable_transport(t)
+    (started_transport,) = await started(make_transport, 1)
+    return started_transport
 
 
 async def make_log(
@@ -86,6 +85,16 @@ async def make_consumer(
 ) -> LogConsumer:
     settings = ConsumerSettings(subjects=subjects, ack_wait=ack_wait, max_deliver=max_deliver)
     return await log.consumer(name, settings)
+
+
+async def started(make_transport: Callable[[], Transport], n: int) -> list[DurableTransport]:
+    """``n`` started transports reaching the same broker (or server)."""
+    hosts = []
+    for _ in range(n):
+        t = make_transport()
+        await t.start()
+        hosts.append(durable_transport(t))
+    return hosts
 
 
 async def fetch_one(consumer: LogConsumer, timeout: float = WAIT) -> Delivery:
@@ -440,11 +449,7 @@ async def test_a_work_queue_log_refuses_overlapping_consumers(
 async def test_fetchers_of_one_consumer_share_its_messages(
     make_transport: Callable[[], Transport],
 ) -> None:
-    hosts = []
-    for _ in range(2):
-        t = make_transport()
-        await t.start()
-        hosts.append(durable_transport(t))
+    hosts = await started(make_transport, 2)
     log = await make_log(hosts[0])
     for i in range(10):
         await log.append("jobs", str(i).encode(), msg_id=f"m{i}")
@@ -467,11 +472,7 @@ async def test_a_fetch_that_returned_holds_nothing_back(
     """A fetch that waited for a message and got one holds nothing more: a message appended
     after it returned goes to whichever handle of the consumer fetches next, at once (not
     into the first handle's buffer, to wait out ``ack_wait`` once it stops fetching)."""
-    hosts = []
-    for _ in range(2):
-        t = make_transport()
-        await t.start()
-        hosts.append(durable_transport(t))
+    hosts = await started(make_transport, 2)
     log = await make_log(hosts[0])
     a = await make_consumer(log, "worker")
     b = await make_consumer(await hosts[1].durable_log(log.name, log.settings), "worker")

@@ -744,30 +744,60 @@ async def test_a_bucket_that_fails_fails_keyed_calls_with_the_reason() -> None:
 # ----- the grants of docs/keys-and-state.md ---------------------------------------------------
 
 
-def key_grants(ns: str, node: str) -> str:
-    """nats-server users: ``host`` has what docs/keys-and-state.md lists for serving ``node``
-    with keys (and ``NS.>`` / any inbox for the rest), ``nokeys`` the same without the
-    JetStream grants of the key bucket."""
-    bucket = f"KV_happen_{ns}_keys"
+def authorization(ns: str, users: dict[str, list[str]]) -> str:
+    """A nats-server authorization block: each user (password "secret") may publish to
+    what its list names, plus ``NS.>`` and any inbox, and subscribe to those two."""
     core = [f"{ns}.>", "_INBOX.>"]
-    keys = [
+    subscribe = ", ".join(f'"{subject}"' for subject in core)
+    blocks = []
+    for name, publish in users.items():
+        allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys([*core, *publish]))
+        blocks.append(
+            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
+            f"        publish: {{ allow: [{allow}] }}\n"
+            f"        subscribe: {{ allow: [{subscribe}] }}\n"
+            "    } }\n"
+        )
+    return "authorization {\n  users = [\n" + "".join(blocks) + "  ]\n}\n"
+
+
+def key_bucket_grants(ns: str, node: str) -> list[str]:
+    """What docs/keys-and-state.md lists for the key bucket, for a host serving ``node``."""
+    bucket = f"KV_happen_{ns}_keys"
+    return [
         f"$JS.API.STREAM.INFO.{bucket}",
         f"$JS.API.STREAM.CREATE.{bucket}",
         f"$JS.API.STREAM.MSG.GET.{bucket}",
         f"$KV.happen_{ns}_keys.{node}",
     ]
 
-    def user(name: str, publish: list[str]) -> str:
-        allow = ", ".join(f'"{subject}"' for subject in [*core, *publish])
-        subscribe = ", ".join(f'"{subject}"' for subject in core)
-        return (
-            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
-            f"        publish: {{ allow: [{allow}] }}\n"
-            f"        subscribe: {{ allow: [{subscribe}] }}\n"
-            "    } }\n"
-        )
 
-    return "authorization {\n  users = [\n" + user("host", keys) + user("nokeys", []) + "  ]\n}\n"
+def key_grants(ns: str, node: str) -> str:
+    """nats-server users: ``host`` has what docs/keys-and-state.md lists for serving ``node``
+    with keys (and ``NS.>`` / any inbox for the rest), ``nokeys`` the same without the
+    JetStream grants of the key bucket."""
+    return authorization(ns, {"host": key_bucket_grants(ns, node), "nokeys": []})
+
+
+async def two_hosts_keep_key_order(as_host: Callable[[], happen.System]) -> None:
+    """Node ``ledger`` hosted by two systems made by ``as_host``, a third sending: 4 rounds
+    over 40 keys keep each key's order, and both instances run some keys."""
+    recorder = Recorder()
+    hosts = [as_host(), as_host()]
+    nodes = []
+    for index, system in enumerate(hosts):
+        node = system.create_node("ledger")
+        node.on("op", recorder.handler(f"i{index}"))
+        nodes.append(node)
+    client_system = as_host()
+    senders = [client_system.create_node("sender")]
+    async with _all(*hosts, client_system):
+        for node in nodes:
+            await subscriptions_live(node)
+        assert await rounds(senders, nodes, rounds=4, keys=40) == []
+    no_overlap_and_in_order(recorder, keys=40, rounds=4)
+    ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
+    assert ran_on == {"i0", "i1"}
 
 
 @pytest.mark.nats
@@ -787,22 +817,7 @@ async def test_the_documented_key_grants_are_enough(tmp_path: Any) -> None:
             )
             return happen.System(transport=transport, namespace=ns, liveness_timeout=2.0)
 
-        recorder = Recorder()
-        hosts = [as_user("host"), as_user("host")]
-        nodes = []
-        for index, system in enumerate(hosts):
-            node = system.create_node("ledger")
-            node.on("op", recorder.handler(f"i{index}"))
-            nodes.append(node)
-        client_system = as_user("host")
-        senders = [client_system.create_node("sender")]
-        async with _all(*hosts, client_system):
-            for node in nodes:
-                await subscriptions_live(node)
-            assert await rounds(senders, nodes, rounds=4, keys=40) == []
-        no_overlap_and_in_order(recorder, keys=40, rounds=4)
-        ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
-        assert ran_on == {"i0", "i1"}
+        await two_hosts_keep_key_order(functools.partial(as_user, "host"))
 
         async with as_user("nokeys") as denied:  # without the grants of the key bucket
             other = denied.create_node("ledger")
@@ -819,8 +834,7 @@ def durable_key_grants(ns: str, node: str) -> str:
     any inbox for the rest)."""
     log_name = f"happen_{ns}_node_{node}"
     broadcasts = f"happen_{ns}_broadcasts"
-    bucket = f"KV_happen_{ns}_keys"
-    publish = [f"{ns}.>", "_INBOX.>"]
+    publish = []
     for stream, consumer in ((log_name, node), (log_name, "*"), (broadcasts, node)):
         publish += [
             f"$HAPPEN.log.{stream}.>",
@@ -833,20 +847,7 @@ def durable_key_grants(ns: str, node: str) -> str:
             f"$JS.API.CONSUMER.INFO.{stream}.{consumer}",
             f"$JS.ACK.{stream}.{consumer}.>",
         ]
-    publish += [
-        f"$JS.API.STREAM.INFO.{bucket}",
-        f"$JS.API.STREAM.CREATE.{bucket}",
-        f"$JS.API.STREAM.MSG.GET.{bucket}",
-        f"$KV.happen_{ns}_keys.{node}",
-    ]
-    allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys(publish))
-    return (
-        "authorization {\n  users = [\n"
-        '    { user: "host", password: "secret", permissions: {\n'
-        f"        publish: {{ allow: [{allow}] }}\n"
-        f'        subscribe: {{ allow: ["{ns}.>", "_INBOX.>"] }}\n'
-        "    } }\n  ]\n}\n"
-    )
+    return authorization(ns, {"host": [*publish, *key_bucket_grants(ns, node)]})
 
 
 @pytest.mark.nats
@@ -868,22 +869,7 @@ async def test_the_documented_durable_key_grants_are_enough(tmp_path: Any) -> No
                 transport=transport, namespace=ns, liveness_timeout=2.0, delivery=DURABLE
             )
 
-        recorder = Recorder()
-        hosts = [as_host(), as_host()]
-        nodes = []
-        for index, system in enumerate(hosts):
-            node = system.create_node("ledger")
-            node.on("op", recorder.handler(f"i{index}"))
-            nodes.append(node)
-        client_system = as_host()
-        senders = [client_system.create_node("sender")]
-        async with _all(*hosts, client_system):
-            for node in nodes:
-                await subscriptions_live(node)
-            assert await rounds(senders, nodes, rounds=4, keys=40) == []
-        no_overlap_and_in_order(recorder, keys=40, rounds=4)
-        ran_on = {instance for spans in recorder.spans.values() for *_, instance in spans}
-        assert ran_on == {"i0", "i1"}
+        await two_hosts_keep_key_order(as_host)
 
 
 async def test_a_durable_nodes_keyed_events_stored_while_none_ran_are_ordered_across_instances(

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from happen._keys import keys_bucket
 from happen._partitions import Ownership
 from happen.transports.nats import NatsTransport
 from tests.conftest import NatsServer
-from tests.helpers import eventually, unique_namespace
+from tests.helpers import eventually, running_process, unique_namespace
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nats]
 
@@ -40,18 +39,10 @@ LEASE = 1.0  # the liveness_timeout of every system here, and so the key lease
 WAIT = 20
 
 
-@asynccontextmanager
-async def worker_process(
+def worker_process(
     url: str, ns: str, lease: float = LEASE, *extra: str
-) -> AsyncIterator[anyio.abc.Process]:
-    process = await anyio.open_process([sys.executable, WORKER, url, ns, str(lease), *extra])
-    try:
-        yield process
-    finally:
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+) -> AbstractAsyncContextManager[anyio.abc.Process]:
+    return running_process([sys.executable, WORKER, url, ns, str(lease), *extra])
 
 
 async def remote_stats(url: str, ns: str, pid: int) -> dict[str, Any]:

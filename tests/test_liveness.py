@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 import happen
 from happen._transport import Message, Transport
 from tests.conftest import NatsServer
-from tests.helpers import eventually, subscriptions_live, unique_namespace
+from tests.helpers import eventually, running_process, subscriptions_live, unique_namespace
 
 pytestmark = pytest.mark.anyio
 
@@ -561,21 +561,13 @@ async def test_a_hold_from_a_host_that_died_does_not_block_its_twin(
 WORKER = str(Path(__file__).parent / "workers" / "serve.py")
 
 
-@asynccontextmanager
-async def worker_process(
+def worker_process(
     url: str, ns: str, concurrency: dict[str, Any] | None = None
-) -> AsyncIterator[anyio.abc.Process]:
+) -> AbstractAsyncContextManager[anyio.abc.Process]:
     args = [sys.executable, WORKER, url, ns]
     if concurrency is not None:
         args.append(json.dumps(concurrency))
-    process = await anyio.open_process(args)
-    try:
-        yield process
-    finally:
-        with anyio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+    return running_process(args)
 
 
 async def until_serving(client: happen.Node) -> int:
