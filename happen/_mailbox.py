@@ -372,29 +372,26 @@ class Mailbox(Generic[Item]):
     def _offer_keyed(self, item: Item, key: str, priority: int, force: bool) -> bool:
         keys = self.keys
         holder = keys.holders.get(key)
-        if holder is not None and holder is not item:  # (a busy key: it waits behind)
-            if self.queued >= self._limit and not force:
-                return False
-            keys.wait(key, (next(self._seq), priority, item))
-            self.queued += 1
-            self.accepted += 1
-            return True
         full = self.queued >= self._limit and not force
-        if full and self.active >= self._max:
-            return False
-        if keys.take(key, item):
-            if self.active < self._max:  # (then nothing eligible is queued)
-                self.active += 1
-                self.accepted += 1
-                self._ready.append(item)
-                if not self._waking:
-                    self._wake_one()
-                return True
-            self._queue((next(self._seq), priority, item))
-        else:
-            if full:
+        if holder is None or holder is item:
+            if full and self.active >= self._max:
                 return False
-            keys.wait(key, (next(self._seq), priority, item))
+            if keys.take(key, item):
+                if self.active < self._max:  # (then nothing eligible is queued)
+                    self.active += 1
+                    self.accepted += 1
+                    self._ready.append(item)
+                    if not self._waking:
+                        self._wake_one()
+                    return True
+                self._queue((next(self._seq), priority, item))
+                self.queued += 1
+                self.accepted += 1
+                return True
+        # The key is busy (or its partition closed): it waits behind, without a slot.
+        if full:
+            return False
+        keys.wait(key, (next(self._seq), priority, item))
         self.queued += 1
         self.accepted += 1
         return True
