@@ -57,10 +57,12 @@ class KeyTable:
     partitions, and counts.
 
     - ``holders``: key -> the event holding it.
+    - ``queues``: key -> the entries waiting for it, oldest first.
     - ``waiting``: how many events wait for their key (behind its holder, or in a closed
       partition); the mailbox counts them in ``queued``.
-    - ``running``: the keys whose holder has started (running, or between two attempts);
-      ``len(running)`` is the ``keys_active`` gauge.
+    - ``plain``: no partition is closed or watched and no holder keeps its key past its run:
+      the mailbox may then pass a key from its holder to the next entry itself (its hot
+      path, written out there).
 
     Partitions cost nothing until one is closed or watched: only then are keys hashed.
     """
@@ -70,18 +72,18 @@ class KeyTable:
         "_counts",
         "_idle",
         "_kept",
-        "_queues",
         "_watched",
         "holders",
-        "running",
+        "plain",
+        "queues",
         "waiting",
     )
 
     def __init__(self) -> None:
         self.holders: dict[str, Any] = {}
         self.waiting = 0
-        self.running: set[str] = set()
-        self._queues: dict[str, deque[Entry]] = {}
+        self.queues: dict[str, deque[Entry]] = {}
+        self.plain = True
         self._kept: set[int] = set()  # ids of holders whose key outlives their current run
         self._closed: set[int] = set()
         self._watched: set[int] = set()
@@ -107,9 +109,9 @@ class KeyTable:
 
     def wait(self, key: str, entry: Entry) -> None:
         """``entry`` waits for ``key``."""
-        queue = self._queues.get(key)
+        queue = self.queues.get(key)
         if queue is None:
-            queue = self._queues[key] = deque()
+            queue = self.queues[key] = deque()
         queue.append(entry)
         self.waiting += 1
         if self._watched:
@@ -122,6 +124,7 @@ class KeyTable:
     def keep(self, item: Any) -> None:
         """``item`` keeps its key when its current run ends (a retry will follow)."""
         self._kept.add(id(item))
+        self.plain = False
 
     def ran(self, key: str, item: Any) -> Entry | None:
         """A run of ``item`` ended: it releases its key unless it keeps it (``keep``); see
@@ -130,16 +133,16 @@ class KeyTable:
             marked = id(item)
             if marked in self._kept:
                 self._kept.discard(marked)
+                self._recheck()
                 return None
         holders = self.holders
         if holders.get(key) is not item:
             return None
-        self.running.discard(key)
-        queue = self._queues.get(key)
+        queue = self.queues.get(key)
         if queue is not None and not (self._closed and partition_of(key) in self._closed):
             entry = queue.popleft()
             if not queue:
-                del self._queues[key]
+                del self.queues[key]
             self.waiting -= 1
             holders[key] = entry[2]
             if self._watched:  # the holder ended; its successor was counted already
@@ -156,24 +159,29 @@ class KeyTable:
         """``item`` reached its final outcome (whether or not it kept its key): its key
         passes to the next waiting event, which is returned (it now holds the key), or is
         free. Nothing if ``item`` does not hold it."""
-        self._kept.discard(id(item))
+        if self._kept:
+            self._kept.discard(id(item))
+            self._recheck()
         return self.ran(key, item)
 
     def withdraw(self, key: str, item: Any) -> bool:
         """Take a waiting ``item`` out (its caller gave up): True if it was waiting."""
-        queue = self._queues.get(key)
+        queue = self.queues.get(key)
         if queue is None:
             return False
         for index, entry in enumerate(queue):
             if entry[2] is item:
                 del queue[index]
                 if not queue:
-                    del self._queues[key]
+                    del self.queues[key]
                 self.waiting -= 1
                 if self._watched:
                     self._ended(partition_of(key))
                 return True
         return False
+
+    def _recheck(self) -> None:
+        self.plain = not (self._closed or self._watched or self._kept)
 
     def _ended(self, partition: int) -> None:
         if partition in self._watched:
@@ -187,7 +195,7 @@ class KeyTable:
         """Events of ``partition`` in this table: holding their key or waiting for it."""
         held = sum(1 for key in self.holders if partition_of(key) == partition)
         return held + sum(
-            len(queue) for key, queue in self._queues.items() if partition_of(key) == partition
+            len(queue) for key, queue in self.queues.items() if partition_of(key) == partition
         )
 
     def watch(self, partition: int, idle: Callable[[int], None]) -> None:
@@ -197,17 +205,20 @@ class KeyTable:
         if partition not in self._watched:
             self._watched.add(partition)
             self._counts[partition] = self.count(partition)
+            self.plain = False
         if not self._counts[partition]:
             idle(partition)
 
     def unwatch(self, partition: int) -> None:
         self._watched.discard(partition)
         self._counts.pop(partition, None)
+        self._recheck()
 
     def close(self, partition: int) -> None:
         """No event of ``partition`` takes a slot until it opens (holders already running
         finish; their successors wait)."""
         self._closed.add(partition)
+        self.plain = False
 
     def is_closed(self, partition: int) -> bool:
         return partition in self._closed
@@ -218,13 +229,14 @@ class KeyTable:
         if partition not in self._closed:
             return []
         self._closed.discard(partition)
+        self._recheck()
         promoted: list[Entry] = []
-        for key, queue in list(self._queues.items()):
+        for key, queue in list(self.queues.items()):
             if key in self.holders or partition_of(key) != partition:
                 continue
             entry = queue.popleft()
             if not queue:
-                del self._queues[key]
+                del self.queues[key]
             self.waiting -= 1
             self.holders[key] = entry[2]
             promoted.append(entry)
@@ -235,10 +247,10 @@ class KeyTable:
         """Remove and return the waiting events (of ``partition``, or all), oldest first;
         with no partition, forget every holder too (the system stops)."""
         taken: list[Entry] = []
-        for key in list(self._queues):
+        for key in list(self.queues):
             if partition is not None and partition_of(key) != partition:
                 continue
-            queue = self._queues.pop(key)
+            queue = self.queues.pop(key)
             taken.extend(queue)
             self.waiting -= len(queue)
             if self._watched:
@@ -246,8 +258,8 @@ class KeyTable:
                     self._ended(partition_of(key))
         if partition is None:
             self.holders.clear()
-            self.running.clear()
             self._kept.clear()
+            self._recheck()
         taken.sort(key=_arrival)
         return [entry[2] for entry in taken]
 

@@ -59,8 +59,9 @@ class NodeStats(msgspec.Struct, frozen=True):
     raised, and each refused attempt an ``update`` retried).
 
     Per-key order (``key=`` on ``send``, ``stream`` and ``enqueue``): ``keys_active`` is how
-    many keys are held by an event that has started (running, waiting between attempts, or
-    waiting for its dead letter to be delivered); ``keyed_waiting`` how many keyed events
+    many keys are held by an event that has a slot (running, or about to) or has started
+    (waiting between attempts, or for its dead letter to be delivered), not by one waiting
+    for a slot; ``keyed_waiting`` how many keyed events
     wait for their key: behind an earlier event of the key (these are part of ``queued`` and
     hold no slot), or, not admitted yet, for their key's partition to come to this instance
     or to have a live owner again (during a handover or after a crash: counted in
@@ -342,7 +343,7 @@ class Mailbox(Generic[Item]):
             dead_letters_pending=self.dead_letters_pending,
             handed_back=self.handed_back,
             backlog=self.backlog,
-            keys_active=len(self.keys.running),
+            keys_active=len(self.keys.holders) - self._waiting_holders(),
             keyed_waiting=self.keys.waiting,
         )
 
@@ -351,7 +352,22 @@ class Mailbox(Generic[Item]):
         unless ``force`` (an event taken from a durable log, which bounds it)."""
         key = item.key
         if key is not None:
-            return self._offer_keyed(item, key, priority, force)
+            keys = self.keys
+            holder = keys.holders.get(key)
+            if holder is None or holder is item or not keys.plain:
+                return self._offer_keyed(item, key, priority, force)
+            # (``_offer_keyed`` for its common case written out: the key is busy, so the
+            # item waits behind its holder, without a slot)
+            if self.queued >= self._limit and not force:
+                return False
+            try:
+                keys.queues[key].append((next(self._seq), priority, item))
+            except KeyError:
+                keys.queues[key] = deque([(next(self._seq), priority, item)])
+            keys.waiting += 1
+            self.queued += 1
+            self.accepted += 1
+            return True
         if self.active < self._max:
             self.active += 1
             self.accepted += 1
@@ -532,25 +548,36 @@ class Mailbox(Generic[Item]):
                 item = self._ready.popleft()
                 if self._ready and not self._waking:
                     self._wake_one()
-                key = item.key
-                if key is not None:
-                    self.keys.running.add(key)
                 try:
                     await self._run(item, scope)
                 finally:
-                    entry = None if key is None else self.keys.ran(key, item)
-                    if entry is None:
-                        self._free_slot()  # however the item ended: done, abandoned, stopped
-                    elif self._due or self.queued - self.keys.waiting > 1:
-                        # The key's next item holds it now and queues by its arrival, so the
-                        # slot freed goes to the oldest eligible item.
-                        self._queue(entry)
+                    # However the item ended (done, abandoned, stopped), its slot is free.
+                    key = item.key
+                    if key is None:
                         self._free_slot()
-                    else:  # it is the only eligible item: the slot passes straight to it
-                        self.queued -= 1
-                        self._ready.append(entry[2])
-                        if self.queued < self._pressure_at:
-                            self._wake_waiters()
+                    else:
+                        keys = self.keys
+                        queue = keys.queues.get(key)
+                        if (
+                            queue is not None
+                            and keys.plain
+                            and self.queued == keys.waiting
+                            and not self._due
+                            and keys.holders.get(key) is item
+                        ):
+                            # (``_key_ran`` for a busy key written out: nothing else waits
+                            # for a slot, so the key and the slot pass to its next item)
+                            entry = queue.popleft()
+                            if not queue:
+                                del keys.queues[key]
+                            keys.waiting -= 1
+                            item = keys.holders[key] = entry[2]
+                            self.queued -= 1
+                            self._ready.append(item)
+                            if self._relief is not None and self.queued < self._pressure_at:
+                                self._wake_waiters()
+                        else:
+                            self._key_ran(key, item)
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
                 if self.owes_acks and self.queued < self._pressure_at:
@@ -564,6 +591,29 @@ class Mailbox(Generic[Item]):
                 if signal in self._idle:
                     self._idle.remove(signal)
                 raise
+
+    def _waiting_holders(self) -> int:
+        """Items that hold their key but wait for a slot (``_queue``)."""
+        if self._priority:
+            return sum(1 for entry in self._heap if entry[2].key is not None)
+        return len(self._released)
+
+    def _key_ran(self, key: str, item: Item) -> None:
+        """The run of the keyed ``item`` ended: its key passes on, or stays (``keep_key``,
+        ``later``), or is free; and its slot is freed, or passes to the key's next item."""
+        entry = self.keys.ran(key, item)
+        if entry is None:
+            self._free_slot()
+        elif self._due or self.queued - self.keys.waiting > 1:
+            # The key's next item holds it now and queues by its arrival, so the slot freed
+            # goes to the oldest eligible item.
+            self._queue(entry)
+            self._free_slot()
+        else:  # it is the only eligible item: the slot passes straight to it
+            self.queued -= 1
+            self._ready.append(entry[2])
+            if self._relief is not None and self.queued < self._pressure_at:
+                self._wake_waiters()
 
     def _free_slot(self) -> None:
         """An item finished: its slot goes to the next item due to run again, else to the

@@ -283,7 +283,9 @@ class KeyRouter:
         self._view: Ownership | None = None
         self._roles = [Role.ELSEWHERE] * PARTITIONS
         self._where: list[Where] = [None] * PARTITIONS
-        self._all_here = False  # every partition's requests are admitted here
+        # Every partition's requests are admitted here (while no request is held and the
+        # system accepts: the check ``route`` makes first, written out by its caller).
+        self.all_here = False
         self._gated = [False] * PARTITIONS  # closed in the mailbox by this router
         self._opens_at: dict[int, float] = {}  # taken-over partitions opening later
         self._seen: dict[str, tuple[int, float]] = {}  # member -> (heartbeat, when it changed)
@@ -292,7 +294,7 @@ class KeyRouter:
         self._mode = "member"
         self._lease_until = 0.0
         self._fenced = False
-        self._held: deque[Held] = deque()
+        self.held_requests: deque[Held] = deque()  # held until their partition has an owner
         self._held_parts = [0] * PARTITIONS
         self._dispatching = False
         self._relays: deque[tuple[float, str, Relay]] = deque()
@@ -308,7 +310,7 @@ class KeyRouter:
     def route(self, request: p.Request) -> Where:
         """Where the keyed ``request`` goes: ``""`` admit it here, an instance id to pass it
         on, ``None`` to hold it (``hold``)."""
-        if self._all_here and not self._held and self._runtime.accepting:
+        if self.all_here and not self.held_requests and self._runtime.accepting:
             return ""  # (every partition is this instance's: the common case of one host)
         if not self.started:
             self._start()
@@ -336,17 +338,17 @@ class KeyRouter:
         queue has no room for it (the caller is then refused as by a full queue)."""
         if self._failure is not None and self._failure[0] > anyio.current_time():
             return False
-        if len(self._held) >= self._mailbox.room():  # (free slots and queue places)
+        if len(self.held_requests) >= self._mailbox.room():  # (free slots and queue places)
             return False
         partition = partition_of(request.key)
-        self._held.append(Held(request, reply, partition, anyio.current_time()))
+        self.held_requests.append(Held(request, reply, partition, anyio.current_time()))
         self._held_parts[partition] += 1
         return True
 
     @property
     def held(self) -> int:
         """Keyed requests held here (not admitted yet): waiting for their partition."""
-        return len(self._held)
+        return len(self.held_requests)
 
     def failure(self) -> str | None:
         """Why keyed requests cannot be held now (the bucket failed recently), if so."""
@@ -412,23 +414,23 @@ class KeyRouter:
         request, reply = relay.request, relay.reply
         partition = partition_of(request.key)
         held = Held(request, reply, partition, anyio.current_time())
-        self._held.appendleft(held)  # it came before the partition's others held since
+        self.held_requests.appendleft(held)  # it came before the partition's others held since
         self._held_parts[partition] += 1
         self._want_sync()
 
     def claims(self, replies: list[str]) -> list[str]:
         """Which of ``replies`` this router holds (held, or passed on a moment ago)."""
-        if not self._held and not self._relays:
+        if not self.held_requests and not self._relays:
             return []
         self._sweep(anyio.current_time())  # (a relay answers for its request a moment only)
-        mine = {h.reply for h in self._held if not h.gone}
+        mine = {h.reply for h in self.held_requests if not h.gone}
         mine.update(relay.reply for _, _, relay in self._relays if not relay.bounced)
         return [reply for reply in replies if reply in mine]
 
     async def abandon(self, reply: str, secret: str) -> bool:
         """The caller of ``reply`` gave up: a held request of it is answered and dropped.
         True if one was held (its secret checked)."""
-        for held in self._held:
+        for held in self.held_requests:
             if held.reply == reply and not held.gone:
                 seal = held.request.seal
                 if seal and not p.seal_matches(seal, secret):
@@ -509,7 +511,7 @@ class KeyRouter:
         self._solo = True
         self._roles = [Role.OWN] * PARTITIONS
         self._where = [""] * PARTITIONS
-        self._all_here = True
+        self.all_here = True
         if self._intake is not None:
             self._intake.partitions_changed()
 
@@ -649,7 +651,7 @@ class KeyRouter:
             )
             log.error("%s", why)
             self._failure = (anyio.current_time() + 1.0, why)
-            held, self._held = self._held, deque()
+            held, self.held_requests = self.held_requests, deque()
             self._held_parts = [0] * PARTITIONS
             for entry in held:
                 if not entry.gone:
@@ -711,7 +713,7 @@ class KeyRouter:
                     self._unfetched.add(q)  # watched once the fetch in flight has ended
                 else:
                     mailbox.keys.watch(q, self._idle)  # (calls back at once when idle already)
-        self._all_here = all(where == "" for where in self._where)
+        self.all_here = all(where == "" for where in self._where)
         self._gate_all()
 
     def _seen_at(self, member: str, now: float) -> float:
@@ -797,7 +799,7 @@ class KeyRouter:
 
     async def _redispatch(self) -> None:
         """Send held requests on where their partitions now go, in the order they came."""
-        if self._dispatching or not self._held:
+        if self._dispatching or not self.held_requests:
             return
         self._dispatching = True
         now = anyio.current_time()
@@ -805,8 +807,8 @@ class KeyRouter:
         skipped: deque[Held] = deque()
         waiting: set[int] = set()
         try:
-            while self._held:
-                held = self._held.popleft()
+            while self.held_requests:
+                held = self.held_requests.popleft()
                 q = held.partition
                 if held.gone:
                     self._held_parts[q] -= 1
@@ -821,7 +823,7 @@ class KeyRouter:
                 finally:
                     self._held_parts[q] -= 1
         finally:
-            self._held.extendleft(reversed(skipped))
+            self.held_requests.extendleft(reversed(skipped))
             self._dispatching = False
 
     async def _send_held(self, held: Held, where: Where, now: float) -> None:
@@ -874,12 +876,12 @@ class KeyRouter:
             await self._sync_quietly()
             await self._redispatch()  # to the new owners
         self._closed = True
-        for held in self._held:
+        for held in self.held_requests:
             if not held.gone:
                 held.gone = True
                 self._mailbox.rejected += 1
                 await self._answer(held.reply, p.stopped(self.node_id))
-        self._held.clear()
+        self.held_requests.clear()
         self._held_parts = [0] * PARTITIONS
 
     async def _sync_quietly(self) -> None:

@@ -17,7 +17,7 @@ import hmac
 import logging
 import os
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
@@ -29,6 +29,7 @@ from happen._errors import (
     TransportError,
 )
 from happen._events import CausalContext
+from happen._ids import MAX_KEY
 from happen._transport import NO_RESPONDERS, STATUS_HEADER, Message, Transport
 
 __all__ = [
@@ -69,6 +70,11 @@ UNAVAILABLE = "unavailable"
 PRESENCE = "happen.presence"
 
 
+#: A key as a frame carries it: the decoder refuses an empty one or one over ``MAX_KEY``
+#: characters (and decoded text is valid UTF-8), so a received key needs no check of its own.
+WireKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY)]
+
+
 class _Frame(msgspec.Struct, tag_field="k", omit_defaults=True, gc=False):
     pass
 
@@ -86,7 +92,7 @@ class Request(_Frame, tag="req"):
     probe: bool = False  # answer "ack" or "hold" at once (a sender held by pressure)
     seal: str = ""  # digest of the caller's secret: only its owner can abandon or cancel it
     forwarded: bool = False  # passed on by a full instance to a twin: never passed on again
-    key: str | None = None  # per-key order: at most one event of a key runs at a time
+    key: WireKey | None = None  # per-key order: at most one event of a key runs at a time
     reply_to: str = ""  # passed on to the owner of the key: the caller's reply subject
     routed: int = 0  # how many times the keyed event was passed between instances
     handed: bool = False  # passed on by the key's owner to the instance it hands the key to

@@ -159,9 +159,12 @@ async def test_a_free_slot_goes_to_the_oldest_event_whose_key_is_free(
             for count, (payload, key, priority) in enumerate(sends, start=1):
                 tg.start_soon(functools.partial(send, client, payload, key, priority=priority))
                 await eventually(lambda c=count: ledger.stats().accepted == c)
-            assert ledger.stats().keyed_waiting == 2  # a2 and a4; b3 waits for the slot
+            stats = ledger.stats()
+            assert stats.keyed_waiting == 2  # a2 and a4; b3 waits for the slot
+            assert stats.keys_active == 1  # a; b is held by an event that has no slot yet
             recorder.gate.set()
     assert [p["n"] for _, p in recorder.starts] == expected
+    assert (ledger.stats().keys_active, ledger.stats().keyed_waiting) == (0, 0)
 
 
 async def test_keyed_events_waiting_count_against_the_queue_limit(transport_url: str) -> None:
