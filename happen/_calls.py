@@ -44,7 +44,8 @@ from happen._errors import (
 )
 from happen._events import Event, IdGenerator, new_context
 from happen._ids import (
-    MAX_KEY,
+    KNOWN_KEYS,
+    learn_key,
     validate_event_id,
     validate_event_type,
     validate_key,
@@ -701,8 +702,13 @@ class Caller:
         ``event_id`` is the event's id (a new one when left out)."""
         if type(priority) is not int:
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        if key is not None and not (type(key) is str and 0 < len(key) <= MAX_KEY and key.isascii()):
-            validate_key(key)  # (the common case checked cheaply)
+        if key is not None:
+            try:
+                known = key in KNOWN_KEYS
+            except TypeError:  # (unhashable: not a str)
+                known = False
+            if not known:
+                learn_key(key)  # (raises if it is not a valid key)
         timeout_ms = None
         if timeout is not None:
             if not timeout > 0:
@@ -724,7 +730,12 @@ class Caller:
             seal=p.seal_of(call.secret),
             key=key,
         )
-        return frame, self.wire.codec.encode(frame)
+        try:
+            return frame, self.wire.codec.encode(frame)
+        except CodecError:
+            if key is not None:
+                validate_key(key)  # (a str subclass equal to a known key: named as a bad key)
+            raise
 
     async def send(
         self,

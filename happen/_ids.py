@@ -7,7 +7,14 @@ import re
 
 from happen._errors import InvalidIdError
 
-__all__ = ["validate_event_id", "validate_event_type", "validate_key", "validate_node_id"]
+__all__ = [
+    "KNOWN_KEYS",
+    "learn_key",
+    "validate_event_id",
+    "validate_event_type",
+    "validate_key",
+    "validate_node_id",
+]
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*")
@@ -54,6 +61,20 @@ def validate_key(key: object) -> str:
         except UnicodeEncodeError:
             raise InvalidIdError(f"invalid key {_show(key)}: a key is {KEY_RULE}") from None
     return key
+
+
+#: Valid keys met lately (``learn_key``): a sender checks a key it meets again by one lookup.
+KNOWN_KEYS: set[str] = set()
+_KNOWN_KEYS_MAX = 4096
+
+
+def learn_key(key: object) -> None:
+    """Check ``key`` (``validate_key``: raises if it is not valid) and remember it in
+    ``KNOWN_KEYS``, which is emptied when it is full."""
+    valid = validate_key(key)
+    if len(KNOWN_KEYS) >= _KNOWN_KEYS_MAX:
+        KNOWN_KEYS.clear()
+    KNOWN_KEYS.add(valid)
 
 
 # Ids and types repeat on the hot path: remember the valid ones (a pure function's memo).

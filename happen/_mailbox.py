@@ -548,36 +548,42 @@ class Mailbox(Generic[Item]):
                 item = self._ready.popleft()
                 if self._ready and not self._waking:
                     self._wake_one()
-                try:
-                    await self._run(item, scope)
-                finally:
+                while True:
+                    try:
+                        await self._run(item, scope)
+                    except BaseException:  # (cancelled, or a bug of ours)
+                        self._ran(item)
+                        raise
                     # However the item ended (done, abandoned, stopped), its slot is free.
                     key = item.key
                     if key is None:
                         self._free_slot()
-                    else:
-                        keys = self.keys
-                        queue = keys.queues.get(key)
-                        if (
-                            queue is not None
-                            and keys.plain
-                            and self.queued == keys.waiting
-                            and not self._due
-                            and keys.holders.get(key) is item
-                        ):
-                            # (``_key_ran`` for a busy key written out: nothing else waits
-                            # for a slot, so the key and the slot pass to its next item)
-                            entry = queue.popleft()
-                            if not queue:
-                                del keys.queues[key]
-                            keys.waiting -= 1
-                            item = keys.holders[key] = entry[2]
-                            self.queued -= 1
-                            self._ready.append(item)
-                            if self._relief is not None and self.queued < self._pressure_at:
-                                self._wake_waiters()
-                        else:
-                            self._key_ran(key, item)
+                        break
+                    keys = self.keys
+                    queue = keys.queues.get(key)
+                    if (
+                        queue is not None
+                        and keys.plain
+                        and self.queued == keys.waiting
+                        and not self._due
+                        and not scope.cancel_called
+                        and not self.owes_acks
+                        and keys.holders.get(key) is item
+                    ):
+                        # (``_key_ran`` for a busy key written out: nothing else waits for
+                        # a slot, so the key and the slot pass to its next item, which this
+                        # worker runs now)
+                        entry = queue.popleft()
+                        if not queue:
+                            del keys.queues[key]
+                        keys.waiting -= 1
+                        item = keys.holders[key] = entry[2]
+                        self.queued -= 1
+                        if self._relief is not None and self.queued < self._pressure_at:
+                            self._wake_waiters()
+                        continue
+                    self._key_ran(key, item)
+                    break
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
                 if self.owes_acks and self.queued < self._pressure_at:
@@ -597,6 +603,14 @@ class Mailbox(Generic[Item]):
         if self._priority:
             return sum(1 for entry in self._heap if entry[2].key is not None)
         return len(self._released)
+
+    def _ran(self, item: Item) -> None:
+        """The run of ``item`` ended: its slot (and its key) pass on, or are free."""
+        key = item.key
+        if key is None:
+            self._free_slot()
+        else:
+            self._key_ran(key, item)
 
     def _key_ran(self, key: str, item: Item) -> None:
         """The run of the keyed ``item`` ended: its key passes on, or stays (``keep_key``,

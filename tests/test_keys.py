@@ -298,6 +298,23 @@ async def test_a_bad_key_is_refused_at_the_sender(key: Any, error: type, words: 
         assert ledger.stats().accepted == 0
 
 
+async def test_a_key_met_before_is_checked_again_when_it_is_not_a_str() -> None:
+    """A sender remembers the valid keys it met; something that only equals one (a str
+    subclass) is still refused, by its type."""
+
+    class Account(str):
+        pass
+
+    async with make_system("memory") as system:
+        ledger = system.create_node("ledger")
+        ledger.on("op", lambda event, context: event.key)
+        client = system.create_node("client")
+        assert await client.send("ledger", {"type": "op"}, key="account-7") == "account-7"
+        with pytest.raises(TypeError, match="not Account"):
+            await client.send("ledger", {"type": "op"}, key=Account("account-7"))
+        assert (ledger.stats().accepted, ledger.stats().rejected) == (1, 0)
+
+
 async def test_a_bad_key_from_a_foreign_client_is_a_bad_request(
     make_transport: Callable[[], Transport],
 ) -> None:
