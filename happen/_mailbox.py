@@ -352,22 +352,31 @@ class Mailbox(Generic[Item]):
         unless ``force`` (an event taken from a durable log, which bounds it)."""
         key = item.key
         if key is not None:
+            # (``_offer_keyed`` for its two common cases written out, while the key table is
+            # plain: a free key and a free slot, and a busy key)
             keys = self.keys
             holder = keys.holders.get(key)
-            if holder is None or holder is item or not keys.plain:
-                return self._offer_keyed(item, key, priority, force)
-            # (``_offer_keyed`` for its common case written out: the key is busy, so the
-            # item waits behind its holder, without a slot)
-            if self.queued >= self._limit and not force:
-                return False
-            try:
-                keys.queues[key].append((next(self._seq), priority, item))
-            except KeyError:
-                keys.queues[key] = deque([(next(self._seq), priority, item)])
-            keys.waiting += 1
-            self.queued += 1
-            self.accepted += 1
-            return True
+            if holder is None:
+                if keys.plain and self.active < self._max:
+                    keys.holders[key] = item  # it holds its key and takes a slot
+                    self.active += 1
+                    self.accepted += 1
+                    self._ready.append(item)
+                    if not self._waking:
+                        self._wake_one()
+                    return True
+            elif holder is not item and keys.plain:  # it waits behind, without a slot
+                if self.queued >= self._limit and not force:
+                    return False
+                try:
+                    keys.queues[key].append((next(self._seq), priority, item))
+                except KeyError:
+                    keys.queues[key] = deque([(next(self._seq), priority, item)])
+                keys.waiting += 1
+                self.queued += 1
+                self.accepted += 1
+                return True
+            return self._offer_keyed(item, key, priority, force)
         if self.active < self._max:
             self.active += 1
             self.accepted += 1
@@ -582,7 +591,11 @@ class Mailbox(Generic[Item]):
                         if self._relief is not None and self.queued < self._pressure_at:
                             self._wake_waiters()
                         continue
-                    self._key_ran(key, item)
+                    if queue is None and keys.plain and keys.holders.get(key) is item:
+                        del keys.holders[key]  # (``_key_ran`` for a key nobody waits for)
+                        self._free_slot()
+                    else:
+                        self._key_ran(key, item)
                     break
                 if scope.cancel_called:
                     return  # the item was abandoned as it finished: this worker retires
