@@ -9,7 +9,10 @@ held to, not another library.
   without keys. Target 0.8.
 - ``keys.hot``: 100 senders in flight, all with one key: the key's events run one at a time.
   Baseline: the same senders without keys to a node with ``max_concurrent=1``, which also runs
-  one at a time. Target 1.0 (as fast).
+  one at a time. Target: as fast, which a wall-clock ratio can only show within its noise:
+  two identical sides measure 0.98-1.02 against each other on a two-core machine, so the row
+  is met at 0.98 (``PARITY``). Instruction counts (``benchmarks/README.md``) tell finer.
+- ``keys.same``: the ``keys.hot`` baseline against itself, in memory: the noise floor.
 
 The node is hosted once: a keyed request reaches the instance that owns its key's partition
 directly. (With several instances, a request that reaches another one is passed on: one more
@@ -26,6 +29,9 @@ from benchmarks._drive import Operation, closed_loop
 from benchmarks._harness import IN_FLIGHT, LOOPS, NATS_LOOPS, Config, Sample, Scenario, Side
 
 ONE_AT_A_TIME = {"patterns": {"server": {"max_concurrent": 1}}}
+
+#: "As fast as": the lowest ratio two identical sides reach against each other here.
+PARITY = 0.98
 
 
 async def sends(
@@ -79,10 +85,25 @@ def scenarios(transport: str) -> list[Scenario]:
                 "unkeyed",
                 partial(sends, transport=transport, keys="none", concurrency=ONE_AT_A_TIME),
             ),
-            target=1.0,
+            target=PARITY,
             loops=loops,
         ),
     ]
 
 
-SCENARIOS = scenarios("memory") + scenarios("nats")
+def noise_floor() -> Scenario:
+    """The ``keys.hot`` baseline against itself: how far apart two identical sides measure,
+    the resolution of a parity row (no target: it calibrates, it does not judge)."""
+    one_at_a_time = partial(sends, transport="memory", keys="none", concurrency=ONE_AT_A_TIME)
+    return Scenario(
+        key="memory.keys.same",
+        title="in-memory unkeyed, max_concurrent=1, against itself (the noise floor)",
+        unit="rt/s",
+        happen=Side("unkeyed", one_at_a_time),
+        baseline=Side("unkeyed", one_at_a_time),
+        target=None,
+        loops=LOOPS,
+    )
+
+
+SCENARIOS = [*scenarios("memory"), noise_floor(), *scenarios("nats")]

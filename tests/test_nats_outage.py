@@ -7,7 +7,7 @@ lost could still arrive.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import pytest
@@ -100,3 +100,44 @@ async def test_a_send_while_the_connection_is_down_fails_at_once(own_server: Nat
         with anyio.fail_after(WAIT):
             await back.wait()
         assert await client.send("echo", {"type": "ping"}, timeout=WAIT) == "pong"
+
+
+async def test_node_state_fails_at_once_while_the_connection_is_down(
+    own_server: NatsServer,
+) -> None:
+    """A read or write of node state names what could not be done, at once; once the
+    connection is back, the state written before the outage is there and writes work."""
+    down = anyio.Event()
+    back = anyio.Event()
+
+    async def disconnected_cb() -> None:
+        down.set()
+
+    async def reconnected_cb() -> None:
+        back.set()
+
+    transport = NatsTransport(
+        own_server.url, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb
+    )
+    system = happen.System(transport=transport, namespace=unique_namespace())
+    ledger = system.create_node("ledger")
+    async with system:
+        first = await ledger.state.put("balance", 10)
+        own_server.stop()
+        with anyio.fail_after(WAIT):
+            await down.wait()
+        attempts: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("write", lambda: ledger.state.put("balance", 20)),
+            ("read", lambda: ledger.state.get("balance")),
+            ("delete", lambda: ledger.state.delete("balance")),
+        ]
+        for action, attempt in attempts:
+            with anyio.fail_after(1), pytest.raises(TransportError, match=DOWN) as info:
+                await attempt()
+            assert f"{action} key 'ledger.balance' of bucket" in str(info.value)
+        own_server.start()
+        with anyio.fail_after(WAIT):
+            await back.wait()
+        kept = await ledger.state.get("balance")
+        assert kept is not None and (kept.value, kept.revision) == (10, first)
+        assert await ledger.state.put("balance", 30, expect=first) > first

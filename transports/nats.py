@@ -513,6 +513,12 @@ class NatsTransport:
         except nats.errors.Error as exc:
             raise TransportError(f"cannot publish to {subject!r}: {_describe(exc)}") from exc
 
+    def up(self) -> bool:
+        """False while the connection is down and nats-py reconnects (``jetstream`` then
+        raises, naming the action). Raises as ``jetstream`` does unless the transport runs."""
+        nc = self._client()
+        return nc.is_connected or nc.is_closed
+
     def jetstream(self, action: str) -> JetStreamContext:
         """The JetStream context, if the connection is up (else :class:`TransportError`,
         at once: a request would wait in nats-py's reconnect buffer for its whole timeout)."""
@@ -1066,7 +1072,8 @@ class NatsKeyValue:
 
     def _ready(self, action: str, key: str) -> str:
         escaped = escape_key(key)
-        self._transport.jetstream(f"{action} key {key!r} of bucket {self.bucket!r}")
+        if not self._transport.up():  # (the message made only when it is needed)
+            self._transport.jetstream(f"{action} key {key!r} of bucket {self.bucket!r}")
         return escaped
 
     async def _current(self, escaped: str) -> Entry | None:
