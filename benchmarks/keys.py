@@ -10,8 +10,8 @@ held to, not another library.
 - ``keys.hot``: 100 senders in flight, all with one key: the key's events run one at a time.
   Baseline: the same senders without keys to a node with ``max_concurrent=1``, which also runs
   one at a time. Target: as fast, which a wall-clock ratio can only show within its noise:
-  two identical sides measure 0.98-1.02 against each other on a two-core machine, so the row
-  is met at 0.98 (``PARITY``). Instruction counts (``benchmarks/README.md``) tell finer.
+  two identical sides measure 0.97-1.03 against each other on a two-core machine, so the row
+  is met at 0.97 (``PARITY``). Instruction counts (``benchmarks/README.md``) tell finer.
 - ``keys.same``: the ``keys.hot`` baseline against itself, in memory: the noise floor.
 
 The node is hosted once: a keyed request reaches the instance that owns its key's partition
@@ -31,7 +31,7 @@ from benchmarks._harness import IN_FLIGHT, LOOPS, NATS_LOOPS, Config, Sample, Sc
 ONE_AT_A_TIME = {"patterns": {"server": {"max_concurrent": 1}}}
 
 #: "As fast as": the lowest ratio two identical sides reach against each other here.
-PARITY = 0.98
+PARITY = 0.97
 
 
 async def sends(

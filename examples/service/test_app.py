@@ -11,9 +11,9 @@ from __future__ import annotations
 import anyio
 import anyio.lowlevel
 import pytest
+from app import setup
 
 import happen
-from app import setup
 
 pytestmark = pytest.mark.anyio
 
@@ -47,10 +47,8 @@ async def test_build_streams_progress_then_the_result() -> None:
         setup(system)
         client = system.create_node("test-client")
         with anyio.fail_after(10):
-            items = [
-                item
-                async for item in client.stream("reports", {"type": "build", "payload": {"pages": 2}})
-            ]
+            build = {"type": "build", "payload": {"pages": 2}}
+            items = [item async for item in client.stream("reports", build)]
         assert [item.get("progress") for item in items[:-1]] == [0.5, 1.0]
         assert items[-1]["done"] is True and items[-1]["pages"] == 2
 
