@@ -10,8 +10,8 @@ held to, not another library.
 - ``keys.hot``: 100 senders in flight, all with one key: the key's events run one at a time.
   Baseline: the same senders without keys to a node with ``max_concurrent=1``, which also runs
   one at a time. Target: as fast, which a wall-clock ratio can only show within its noise:
-  two identical sides measure 0.97-1.03 against each other on a two-core machine, so the row
-  is met at 0.97 (``PARITY``). Instruction counts (``benchmarks/README.md``) tell finer.
+  two identical sides measure 0.97-1.04 against each other on a two-core machine, so the row
+  is met at 0.97 (``PARITY``). Instruction counts (the README's benchmark section) tell finer.
 - ``keys.same``: the ``keys.hot`` baseline against itself, in memory: the noise floor.
 
 The node is hosted once: a keyed request reaches the instance that owns its key's partition
