@@ -266,10 +266,11 @@ def compare(scenario: Scenario, loop: str, happen: Figure, baseline: Figure | No
     ratio = None
     met = None
     target = "—"
+    if happen.median is not None and baseline is not None and baseline.median:
+        ratio = happen.median / baseline.median  # (printed with no target too: a calibration)
     if scenario.target is not None:
         target = f"≥ {scenario.target:g}"
-        if happen.median is not None and baseline is not None and baseline.median:
-            ratio = happen.median / baseline.median
+        if ratio is not None:
             met = ratio >= scenario.target
     return [make_row(scenario, loop, happen, baseline, ratio=ratio, target=target, met=met)]
 
