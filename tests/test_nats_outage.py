@@ -37,6 +37,24 @@ def own_server() -> Iterator[NatsServer]:
         yield server
 
 
+class WatchedConnection:
+    """A NATS transport whose loss and return of its connection can be waited on."""
+
+    def __init__(self, server: NatsServer) -> None:
+        self.down = anyio.Event()
+        self.back = anyio.Event()
+
+        async def disconnected_cb() -> None:
+            self.down.set()
+
+        async def reconnected_cb() -> None:
+            self.back.set()
+
+        self.transport = NatsTransport(
+            server.url, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb
+        )
+
+
 async def test_publish_and_subscribe_fail_at_once_while_reconnecting(
     own_server: NatsServer,
 ) -> None:
@@ -73,19 +91,8 @@ async def test_publish_and_subscribe_fail_at_once_while_reconnecting(
 
 
 async def test_a_send_while_the_connection_is_down_fails_at_once(own_server: NatsServer) -> None:
-    down = anyio.Event()
-    back = anyio.Event()
-
-    async def disconnected_cb() -> None:
-        down.set()
-
-    async def reconnected_cb() -> None:
-        back.set()
-
-    transport = NatsTransport(
-        own_server.url, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb
-    )
-    system = happen.System(transport=transport, namespace=unique_namespace())
+    watched = WatchedConnection(own_server)
+    system = happen.System(transport=watched.transport, namespace=unique_namespace())
     echo = system.create_node("echo")
     echo.on("ping", lambda event, context: "pong")
     client = system.create_node("client")
@@ -93,12 +100,12 @@ async def test_a_send_while_the_connection_is_down_fails_at_once(own_server: Nat
         assert await client.send("echo", {"type": "ping"}, timeout=WAIT) == "pong"
         own_server.stop()
         with anyio.fail_after(WAIT):
-            await down.wait()
+            await watched.down.wait()
         with anyio.fail_after(1), pytest.raises(happen.TransportError, match="down"):
             await client.send("echo", {"type": "ping"}, timeout=30)
         own_server.start()
         with anyio.fail_after(WAIT):
-            await back.wait()
+            await watched.back.wait()
         assert await client.send("echo", {"type": "ping"}, timeout=WAIT) == "pong"
 
 
@@ -107,25 +114,14 @@ async def test_node_state_fails_at_once_while_the_connection_is_down(
 ) -> None:
     """A read or write of node state names what could not be done, at once; once the
     connection is back, the state written before the outage is there and writes work."""
-    down = anyio.Event()
-    back = anyio.Event()
-
-    async def disconnected_cb() -> None:
-        down.set()
-
-    async def reconnected_cb() -> None:
-        back.set()
-
-    transport = NatsTransport(
-        own_server.url, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb
-    )
-    system = happen.System(transport=transport, namespace=unique_namespace())
+    watched = WatchedConnection(own_server)
+    system = happen.System(transport=watched.transport, namespace=unique_namespace())
     ledger = system.create_node("ledger")
     async with system:
         first = await ledger.state.put("balance", 10)
         own_server.stop()
         with anyio.fail_after(WAIT):
-            await down.wait()
+            await watched.down.wait()
         attempts: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("write", lambda: ledger.state.put("balance", 20)),
             ("read", lambda: ledger.state.get("balance")),
@@ -137,7 +133,7 @@ async def test_node_state_fails_at_once_while_the_connection_is_down(
             assert f"{action} key 'ledger.balance' of bucket" in str(info.value)
         own_server.start()
         with anyio.fail_after(WAIT):
-            await back.wait()
+            await watched.back.wait()
         kept = await ledger.state.get("balance")
         assert kept is not None and (kept.value, kept.revision) == (10, first)
         assert await ledger.state.put("balance", 30, expect=first) > first
