@@ -134,6 +134,14 @@ class NatsServer:
         self.close()
 
 
+def granting(directory: Path, config: str) -> NatsServer:
+    """A ``NatsServer`` whose config file (written in ``directory``) is ``config``: an
+    authorization block, for the tests of the documented grants."""
+    path = directory / "auth.conf"
+    path.write_text(config)
+    return NatsServer(extra_args=["-c", str(path)])
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

@@ -6,12 +6,15 @@ import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
 import happen
+
+if TYPE_CHECKING:
+    from happen.transports.nats import NatsTransport
 
 _namespaces = itertools.count()
 
@@ -127,3 +130,31 @@ async def running_process(args: Sequence[str]) -> AsyncIterator[anyio.abc.Proces
             if process.returncode is None:
                 process.kill()
             await process.wait()
+
+
+#: The password of every user an ``authorization`` block names.
+PASSWORD = "secret"
+
+
+def authorization(namespace: str, users: dict[str, list[str]]) -> str:
+    """A nats-server authorization block: each user (password ``PASSWORD``) may publish to
+    what its list names, plus ``NAMESPACE.>`` and any inbox, and subscribe to those two."""
+    core = [f"{namespace}.>", "_INBOX.>"]
+    subscribe = ", ".join(f'"{subject}"' for subject in core)
+    blocks = []
+    for name, publish in users.items():
+        allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys([*core, *publish]))
+        blocks.append(
+            f'    {{ user: "{name}", password: "{PASSWORD}", permissions: {{\n'
+            f"        publish: {{ allow: [{allow}] }}\n"
+            f"        subscribe: {{ allow: [{subscribe}] }}\n"
+            "    } }\n"
+        )
+    return "authorization {\n  users = [\n" + "".join(blocks) + "  ]\n}\n"
+
+
+def signed_in(url: str, user: str, **options: Any) -> NatsTransport:
+    """A NATS transport to ``url`` signed in as ``user`` (password ``PASSWORD``)."""
+    from happen.transports.nats import NatsTransport
+
+    return NatsTransport(url, user=user, password=PASSWORD, **options)

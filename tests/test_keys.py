@@ -28,7 +28,14 @@ from happen._errors import TransportError
 from happen._keys import PARTITIONS, partition_of
 from happen._mailbox import Mailbox
 from happen._transport import Message, Subscription, Transport, TransportListener
-from tests.helpers import eventually, make_system, subscriptions_live, unique_namespace
+from tests.helpers import (
+    authorization,
+    eventually,
+    make_system,
+    signed_in,
+    subscriptions_live,
+    unique_namespace,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -553,6 +560,17 @@ def hosts(
     ]
 
 
+def ledgers(systems: list[happen.System], recorder: Recorder, jitter: float) -> list[happen.Node]:
+    """The node ``ledger`` on each of ``systems``, its handler ``recorder``'s, labelled
+    ``i0``, ``i1``... by instance."""
+    nodes = []
+    for index, system in enumerate(systems):
+        node = system.create_node("ledger")
+        node.on("op", recorder.handler(f"i{index}", jitter=jitter))
+        nodes.append(node)
+    return nodes
+
+
 async def rounds(
     senders: list[happen.Node],
     instances: list[happen.Node],
@@ -606,11 +624,7 @@ async def test_keys_are_ordered_across_instances(
     ns = unique_namespace()
     recorder = Recorder()
     systems = hosts(make_transport, ns, instances, durable=durable)
-    nodes = []
-    for index, system in enumerate(systems):
-        node = system.create_node("ledger")
-        node.on("op", recorder.handler(f"i{index}", jitter=0.002))
-        nodes.append(node)
+    nodes = ledgers(systems, recorder, jitter=0.002)
     client_system = happen.System(
         transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
     )
@@ -641,11 +655,7 @@ async def test_an_instance_stopped_cleanly_hands_its_keys_over_in_order(
     ns = unique_namespace()
     recorder = Recorder()
     systems = hosts(make_transport, ns, 3, durable=durable)
-    nodes = []
-    for index, system in enumerate(systems):
-        node = system.create_node("ledger")
-        node.on("op", recorder.handler(f"i{index}", jitter=0.004))
-        nodes.append(node)
+    nodes = ledgers(systems, recorder, jitter=0.004)
     client_system = happen.System(
         transport=make_transport(), namespace=ns, delivery=DURABLE if durable else None
     )
@@ -764,23 +774,6 @@ async def test_a_bucket_that_fails_fails_keyed_calls_with_the_reason() -> None:
 # ----- the grants of docs/keys-and-state.md ---------------------------------------------------
 
 
-def authorization(ns: str, users: dict[str, list[str]]) -> str:
-    """A nats-server authorization block: each user (password "secret") may publish to
-    what its list names, plus ``NS.>`` and any inbox, and subscribe to those two."""
-    core = [f"{ns}.>", "_INBOX.>"]
-    subscribe = ", ".join(f'"{subject}"' for subject in core)
-    blocks = []
-    for name, publish in users.items():
-        allow = ", ".join(f'"{subject}"' for subject in dict.fromkeys([*core, *publish]))
-        blocks.append(
-            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
-            f"        publish: {{ allow: [{allow}] }}\n"
-            f"        subscribe: {{ allow: [{subscribe}] }}\n"
-            "    } }\n"
-        )
-    return "authorization {\n  users = [\n" + "".join(blocks) + "  ]\n}\n"
-
-
 def key_bucket_grants(ns: str, node: str) -> list[str]:
     """What docs/keys-and-state.md lists for the key bucket, for a host serving ``node``."""
     bucket = f"KV_happen_{ns}_keys"
@@ -823,18 +816,13 @@ async def two_hosts_keep_key_order(as_host: Callable[[], happen.System]) -> None
 @pytest.mark.nats
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_documented_key_grants_are_enough(tmp_path: Any) -> None:
-    from happen.transports.nats import NatsTransport
-    from tests.conftest import NatsServer
+    from tests.conftest import granting
 
     ns = unique_namespace()
-    config = tmp_path / "auth.conf"
-    config.write_text(key_grants(ns, "ledger"))
-    with NatsServer(extra_args=["-c", str(config)]) as server:
+    with granting(tmp_path, key_grants(ns, "ledger")) as server:
 
         def as_user(name: str) -> happen.System:
-            transport = NatsTransport(
-                server.url, user=name, password="secret", jetstream_timeout=0.5
-            )
+            transport = signed_in(server.url, name, jetstream_timeout=0.5)
             return happen.System(transport=transport, namespace=ns, liveness_timeout=2.0)
 
         await two_hosts_keep_key_order(functools.partial(as_user, "host"))
@@ -873,18 +861,13 @@ def durable_key_grants(ns: str, node: str) -> str:
 @pytest.mark.nats
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_documented_durable_key_grants_are_enough(tmp_path: Any) -> None:
-    from happen.transports.nats import NatsTransport
-    from tests.conftest import NatsServer
+    from tests.conftest import granting
 
     ns = unique_namespace()
-    config = tmp_path / "auth.conf"
-    config.write_text(durable_key_grants(ns, "ledger"))
-    with NatsServer(extra_args=["-c", str(config)]) as server:
+    with granting(tmp_path, durable_key_grants(ns, "ledger")) as server:
 
         def as_host() -> happen.System:
-            transport = NatsTransport(
-                server.url, user="host", password="secret", jetstream_timeout=1.0
-            )
+            transport = signed_in(server.url, "host", jetstream_timeout=1.0)
             return happen.System(
                 transport=transport, namespace=ns, liveness_timeout=2.0, delivery=DURABLE
             )
@@ -902,11 +885,7 @@ async def test_a_durable_nodes_keyed_events_stored_while_none_ran_are_ordered_ac
     recorder = Recorder()
     client_system = happen.System(transport=make_transport(), namespace=ns, delivery=DURABLE)
     systems = hosts(make_transport, ns, 2, durable=True)
-    nodes = []
-    for index, system in enumerate(systems):
-        node = system.create_node("ledger")
-        node.on("op", recorder.handler(f"i{index}", jitter=0.002))
-        nodes.append(node)
+    nodes = ledgers(systems, recorder, jitter=0.002)
     async with client_system:
         sender = client_system.create_node("sender")
         for n in range(10):

@@ -14,7 +14,8 @@ from nats.js import api
 from happen._errors import TransportError
 from happen._transport import ConsumerSettings, Entry, LogSettings, Retention, escape_key
 from happen.transports.nats import NatsTransport
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, granting
+from tests.helpers import PASSWORD, signed_in
 from tests.test_durable_contract import unique
 from tests.test_nats_transport import EventListener
 
@@ -204,7 +205,7 @@ def durable_grants(log: str, consumer: str, bucket: str, inbox: str) -> str:
     allow = ", ".join(f'"{subject}"' for subject in publish)
     return (
         "authorization {\n  users = [\n"
-        '    { user: "host", password: "secret", permissions: {\n'
+        f'    {{ user: "host", password: "{PASSWORD}", permissions: {{\n'
         f"        publish: {{ allow: [{allow}] }}\n"
         f'        subscribe: {{ allow: ["{inbox}.>"] }}\n'
         "    } }\n  ]\n}\n"
@@ -212,13 +213,10 @@ def durable_grants(log: str, consumer: str, bucket: str, inbox: str) -> str:
 
 
 async def test_the_documented_grants_are_enough(tmp_path: Path) -> None:
-    config = tmp_path / "auth.conf"
-    config.write_text(durable_grants("orders", "billing", "state", "_INBOX.hostA"))
-    with NatsServer(extra_args=["-c", str(config)]) as server:
-        transport = NatsTransport(
+    with granting(tmp_path, durable_grants("orders", "billing", "state", "_INBOX.hostA")) as server:
+        transport = signed_in(
             server.url,
-            user="host",
-            password="secret",
+            "host",
             inbox_prefix="_INBOX.hostA",
             jetstream_timeout=1.0,  # a request the server refuses goes unanswered
         )

@@ -16,8 +16,8 @@ import pytest
 
 import happen
 from happen._transport import Message, Subscription, Transport, TransportListener
-from tests.conftest import NatsServer
-from tests.helpers import make_system, unique_namespace
+from tests.conftest import NatsServer, granting
+from tests.helpers import authorization, make_system, signed_in, unique_namespace
 
 pytestmark = pytest.mark.anyio
 
@@ -539,23 +539,9 @@ def state_grants(namespace: str) -> str:
     state (and create the bucket), ``reader`` may only read it; both get the namespace's core
     subjects and any inbox, so only the JetStream grants are under test."""
     bucket = f"happen_{namespace}_state"
-    core = [f"{namespace}.>", "_INBOX.>"]
     read = [f"$JS.API.STREAM.INFO.KV_{bucket}", f"$JS.API.STREAM.MSG.GET.KV_{bucket}"]
     write = [*read, f"$JS.API.STREAM.CREATE.KV_{bucket}", f"$KV.{bucket}.>"]
-
-    def user(name: str, publish: list[str]) -> str:
-        allow = ", ".join(f'"{subject}"' for subject in [*core, *publish])
-        subscribe = ", ".join(f'"{subject}"' for subject in core)
-        return (
-            f'    {{ user: "{name}", password: "secret", permissions: {{\n'
-            f"        publish: {{ allow: [{allow}] }}\n"
-            f"        subscribe: {{ allow: [{subscribe}] }}\n"
-            "    } }\n"
-        )
-
-    return (
-        "authorization {\n  users = [\n" + user("writer", write) + user("reader", read) + "  ]\n}\n"
-    )
+    return authorization(namespace, {"writer": write, "reader": read})
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -563,13 +549,11 @@ async def test_the_documented_state_grants_are_enough(tmp_path: Path) -> None:
     from happen.transports.nats import NatsTransport
 
     namespace = unique_namespace()
-    config = tmp_path / "auth.conf"
-    config.write_text(state_grants(namespace))
-    with NatsServer(extra_args=["-c", str(config)]) as server:
+    with granting(tmp_path, state_grants(namespace)) as server:
 
         def as_user(name: str) -> NatsTransport:
             # a request the server refuses goes unanswered: fail after a short wait
-            return NatsTransport(server.url, user=name, password="secret", jetstream_timeout=0.5)
+            return signed_in(server.url, name, jetstream_timeout=0.5)
 
         async with (
             happen.System(transport=as_user("writer"), namespace=namespace) as writing,
